@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` (train through an embedded augsvc) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install demo test lint protos bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The pinned CPU build first (held locally); an unpinned torch would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/augsvc-train --out runs/demo
+
+test: install
+	$(PY) scripts/gen_protos.py --check
+	$(PY) -m ruff check augsvc trainer_client tests scripts
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check augsvc trainer_client tests scripts
+	$(PY) -m mypy augsvc trainer_client
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+bench: install
+	$(VENV)/bin/augsvc bench engine
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

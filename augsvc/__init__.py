@@ -1,0 +1,43 @@
+"""augsvc: image data augmentation as a gRPC service.
+
+Public API (DESIGN.md): `load_spec`, `Spec`, `augment_batch`, `epoch_batches`, and the error
+tree rooted at `AugsvcError` (`SpecError` for every invalid spec).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from .engine import augment_batch  # noqa: E402
+from .errors import (  # noqa: E402
+    AugsvcError,
+    CancelledError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    SpecError,
+    UnauthenticatedError,
+    WorkerUnavailableError,
+)
+from .plan import epoch_batches  # noqa: E402
+from .spec import Spec, load_spec  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AugsvcError",
+    "CancelledError",
+    "InvalidInputError",
+    "LimitExceededError",
+    "NotFoundError",
+    "Spec",
+    "SpecError",
+    "UnauthenticatedError",
+    "WorkerUnavailableError",
+    "__version__",
+    "augment_batch",
+    "epoch_batches",
+    "load_spec",
+]

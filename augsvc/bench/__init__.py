@@ -1,0 +1,1 @@
+"""Benchmarks behind `augsvc bench ...`: ratios measured side by side in one run, never timed tests."""

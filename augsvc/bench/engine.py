@@ -1,0 +1,66 @@
+"""`augsvc bench engine`: images/s per core of the fused backend, the albumentations reference
+backend, and a plain albumentations Compose built the usual way — same pipeline, same images,
+same run, one process (one core)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import cv2
+
+from ..engine import augment_batch
+from ..spec import load_spec
+from .common import BENCH_SPEC, albumentations_compose, best_rate, machine, sample_images, write_json
+
+
+def _engine_runner(images: Any, spec: Any, ids: list[int]) -> Any:
+    epoch = [0]
+
+    def engine(backend: str) -> int:
+        epoch[0] += 1  # a new epoch each call: no caching can help
+        augment_batch(images, spec, seed=0, epoch=epoch[0], sample_ids=ids, backend=backend)
+        return len(ids)
+
+    return engine
+
+
+def run(sides: list[int], *, batch: int, seconds: float) -> list[dict[str, Any]]:
+    cv2.setNumThreads(0)  # one core, as in a worker process
+    spec = load_spec(BENCH_SPEC)
+    compose = albumentations_compose()
+    rows = []
+    for side in sides:
+        images = sample_images(batch, side)
+        ids = list(range(batch))
+        engine = _engine_runner(images, spec, ids)
+
+        def plain(images: Any = images) -> int:
+            for img in images:
+                compose(image=img)
+            return len(images)
+
+        fused = best_rate(lambda: engine("fused"), seconds=seconds)
+        reference = best_rate(lambda: engine("albumentations"), seconds=seconds)
+        baseline = best_rate(plain, seconds=seconds)
+        rows.append({"side": side, "fused": fused, "albumentations_backend": reference,
+                     "albumentations_compose": baseline, "fused_vs_compose": fused / baseline,
+                     "fused_vs_reference": fused / reference})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="augsvc bench engine", description=__doc__)
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=6.0, help="time per measurement")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    rows = run(args.sides, batch=args.batch, seconds=args.seconds)
+    print(f"engine, images/s on one core ({machine()}); pipeline: hflip + rotate + scale + color jitter")
+    print(f"{'side':>5} {'fused':>9} {'albu backend':>13} {'albu Compose':>13} {'fused/Compose':>14}")
+    for r in rows:
+        print(f"{r['side']:>5} {r['fused']:>9.0f} {r['albumentations_backend']:>13.0f} "
+              f"{r['albumentations_compose']:>13.0f} {r['fused_vs_compose']:>13.2f}x")
+    write_json(args.json, {"benchmark": "engine", "batch": args.batch, "rows": rows})
+    return 0

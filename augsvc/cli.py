@@ -1,0 +1,176 @@
+"""`augsvc serve | preview | health | bench`.
+
+Every `serve` flag also reads an environment variable (AUGSVC_<FLAG>, e.g. AUGSVC_PORT,
+AUGSVC_WORKERS, AUGSVC_DATASETS="a=builtin:digits,b=/data/b.npz"), so containers are configured
+either way; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"AUGSVC_{name.upper()}", default)
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = _env(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the augmentation service")
+    p.add_argument("--host", default=_env("host", "127.0.0.1"), help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=_env_int("port", 50051))
+    p.add_argument("--unix", default=_env("unix"), help="serve on this unix socket path instead")
+    p.add_argument("--workers", type=int, default=_env_int("workers", None),
+                   help="worker processes (default: the CPU quota this container may use)")
+    env_ds = [d for d in (_env("datasets", "") or "").split(",") if d]
+    p.add_argument("--dataset", action="append", default=env_ds, metavar="NAME=SOURCE",
+                   help="serve a dataset: an image folder (one sub-folder per class), an .npz with "
+                        "images and labels, or builtin:digits (repeatable)")
+    p.add_argument("--builtin-side", type=int, default=_env_int("builtin_side", 32))
+    p.add_argument("--cache-budget-mb", type=int, default=_env_int("cache_budget_mb", 2048))
+    p.add_argument("--max-image-side", type=int, default=_env_int("max_image_side", 4096))
+    p.add_argument("--max-batch-mb", type=int, default=_env_int("max_batch_mb", 64))
+    p.add_argument("--max-inflight", type=int, default=_env_int("max_inflight", None))
+    p.add_argument("--max-concurrent-rpcs", type=int, default=_env_int("max_concurrent_rpcs", 64))
+    p.add_argument("--tls-cert", default=_env("tls_cert"))
+    p.add_argument("--tls-key", default=_env("tls_key"))
+    p.add_argument("--tls-client-ca", default=_env("tls_client_ca"), help="require client certificates")
+    p.add_argument("--token-file", default=_env("token_file"), help="require 'authorization: Bearer <token>'")
+    p.add_argument("--insecure", action="store_true", default=_env("insecure", "") in ("1", "true"),
+                   help="allow plaintext on a non-loopback address")
+    p.add_argument("--metrics-port", type=int, default=_env_int("metrics_port", None))
+    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"))
+    p.add_argument("--grace", type=float, default=float(_env("grace", 10.0)),
+                   help="seconds in-flight calls get to finish on SIGTERM")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .datasets import parse_dataset_arg
+    from .server import ServerSettings, create_server
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    settings = ServerSettings(
+        workers=args.workers, datasets=dict(parse_dataset_arg(d) for d in args.dataset),
+        builtin_side=args.builtin_side, cache_budget_bytes=args.cache_budget_mb << 20,
+        max_image_side=args.max_image_side, max_batch_bytes=args.max_batch_mb << 20,
+        max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
+        insecure=args.insecure, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        grace_seconds=args.grace)
+    host = args.host if ":" not in args.host or args.host.startswith("[") else f"[{args.host}]"
+    address = f"unix:{args.unix}" if args.unix else f"{host}:{args.port}"
+    server, port = create_server(address, settings)
+    server.start()
+    where = address if args.unix else f"{host}:{port}"
+    log = logging.getLogger("augsvc.serve")
+    log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
+             ", ".join(server.datasets) or "none")
+    # A line on stdout that scripts (and tests) wait for.
+    print(f"augsvc serving on {where} workers={server.pool.worker_count} "
+          f"metrics={server.metrics_port or '-'}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: draining for up to %.1fs", signum, settings.grace_seconds)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if args.tls_ca or args.tls_cert:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+        channel = grpc.secure_channel(args.target, creds)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"{args.target}: {exc.code().name}: {exc.details()}")
+        return 1
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .preview import write_preview
+
+    out = write_preview(args.spec, args.image, args.out, count=args.count, cols=args.cols, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"augsvc.bench.{args.which}")
+    return int(module.main(rest))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    logging.basicConfig(level=os.environ.get("AUGSVC_LOG_LEVEL", "INFO"),
+                        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+                               '"message":"%(message)s"}')
+    parser = argparse.ArgumentParser(prog="augsvc", description="image augmentation as a gRPC service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    p = sub.add_parser("health", help="check a server's health; exit 0 when SERVING")
+    p.add_argument("--target", default=_env("target", "127.0.0.1:50051"))
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--tls-ca", default=_env("tls_ca"))
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p = sub.add_parser("preview", help="write a grid of augmented variants of one image")
+    p.add_argument("--spec", required=True, help="spec file (.yaml/.json) or YAML/JSON text")
+    p.add_argument("--image", default=None, help="image file (default: a built-in sample photo)")
+    p.add_argument("--out", default="preview.png")
+    p.add_argument("--count", type=int, default=11)
+    p.add_argument("--cols", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
+    p.add_argument("which", choices=["engine", "service", "e2e", "transport"])
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers = {"serve": cmd_serve, "health": cmd_health, "preview": cmd_preview}
+    from .errors import AugsvcError
+
+    try:
+        return handlers[args.command](args)
+    except (AugsvcError, ValueError, OSError) as exc:
+        print(f"augsvc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

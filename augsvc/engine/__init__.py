@@ -1,0 +1,121 @@
+"""Apply a spec to a batch: `augment_batch(images, spec, *, seed, epoch, sample_ids, backend)`.
+
+Two backends apply the same vectorized draws (`params.draw_params`): "fused" (default: one warp
+per image for consecutive geometric steps, batch-wide color math) and "albumentations" (the
+reference: every step in order with albumentations' own functions).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+
+from ..errors import InvalidInputError, LimitExceededError  # noqa: E402
+from ..rng import as_sample_ids  # noqa: E402
+from ..spec import Spec, load_spec  # noqa: E402
+from .fused import Images, run_fused  # noqa: E402
+from .params import StepDraw, draw_params  # noqa: E402
+from .reference import run_reference  # noqa: E402
+
+__all__ = ["augment_batch", "check_images", "draw_params", "BACKENDS", "DEFAULT_MAX_SIDE", "StepDraw"]
+
+#: Largest image side accepted by default (input and output); servers may set their own.
+DEFAULT_MAX_SIDE = 4096
+
+BACKENDS: dict[str, Callable[[Images, list[StepDraw], Spec], Images]] = {
+    "fused": run_fused,
+    "albumentations": run_reference,
+}
+
+_U64 = 2**64
+
+
+def _check_one(img: Any, where: str, max_side: int) -> np.ndarray:
+    if not isinstance(img, np.ndarray):
+        raise InvalidInputError(f"{where}: expected a numpy array, got {type(img).__name__}")
+    if img.dtype != np.uint8:
+        raise InvalidInputError(f"{where}: dtype {img.dtype} is not supported; expected uint8")
+    if img.ndim != 3 or img.shape[2] not in (1, 3):
+        raise InvalidInputError(f"{where}: shape {tuple(img.shape)} is not (H, W, C) with C in {{1, 3}}")
+    h, w = img.shape[:2]
+    if h < 1 or w < 1:
+        raise InvalidInputError(f"{where}: shape {tuple(img.shape)} has an empty side; expected H, W >= 1")
+    if h > max_side or w > max_side:
+        raise LimitExceededError(f"{where}: side {max(h, w)} is over the limit of {max_side} pixels")
+    return img
+
+
+def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = DEFAULT_MAX_SIDE
+                 ) -> tuple[Images, np.ndarray, np.ndarray, int]:
+    """Validate a batch: (N,H,W,C) uint8 array, or a sequence of (H,W,C) uint8 arrays of one C.
+
+    Returns (work, heights, widths, channels)."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise InvalidInputError(f"images: dtype {images.dtype} is not supported; expected uint8")
+        if images.ndim != 4 or images.shape[3] not in (1, 3):
+            raise InvalidInputError(
+                f"images: shape {tuple(images.shape)} is not (N, H, W, C) with C in {{1, 3}}")
+        n, h, w, c = images.shape
+        if n and (h < 1 or w < 1):
+            raise InvalidInputError(f"images: shape {tuple(images.shape)} has an empty side; expected H, W >= 1")
+        if h > max_side or w > max_side:
+            raise LimitExceededError(f"images: side {max(h, w)} is over the limit of {max_side} pixels")
+        return np.ascontiguousarray(images), np.full(n, h, np.int64), np.full(n, w, np.int64), c
+    work = [_check_one(img, f"images[{i}]", max_side) for i, img in enumerate(images)]
+    channels = {img.shape[2] for img in work}
+    if len(channels) > 1:
+        raise InvalidInputError(f"images: mixed channel counts {sorted(channels)}; expected one of 1 or 3")
+    c = channels.pop() if channels else 3
+    heights = np.array([img.shape[0] for img in work], np.int64)
+    widths = np.array([img.shape[1] for img in work], np.int64)
+    if work and (heights == heights[0]).all() and (widths == widths[0]).all():
+        return np.stack(work), heights, widths, c
+    return work, heights, widths, c
+
+
+def _check_counter(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{name}: expected an integer in [0, 2**64), got {value!r}")
+    if not 0 <= int(value) < _U64:
+        raise InvalidInputError(f"{name}: {value} is outside [0, 2**64)")
+    return int(value)
+
+
+def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
+                  sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """Augment a batch; returns a new uint8 array (N, H', W', C).
+
+    images: uint8 (N, H, W, C) with C in {1, 3}, or a sequence of (H, W, C) images of varying
+    size when the spec ends in a sizing step (resize / random_resized_crop).
+    The pixels of sample i depend only on (spec, its input pixels, seed, epoch, sample_ids[i],
+    backend) — not on the batch, its position in it, or anything else.
+    """
+    spec = load_spec(spec)
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    seed = _check_counter(seed, "seed")
+    epoch = _check_counter(epoch, "epoch")
+    out_size = spec.output_size
+    if out_size is not None and max(out_size) > max_side:
+        raise LimitExceededError(f"spec: output side {max(out_size)} is over the limit of {max_side} pixels")
+    work, heights, widths, channels = check_images(images, max_side=max_side)
+    ids = as_sample_ids(sample_ids, count=len(work))
+    if not isinstance(work, np.ndarray) and out_size is None:
+        raise InvalidInputError("images: differ in size and the spec keeps input sizes; add a resize or "
+                                "random_resized_crop step so that a batch has one shape")
+    if len(work) == 0:
+        h, w = out_size or (int(work.shape[1]), int(work.shape[2]))  # type: ignore[union-attr]
+        return np.zeros((0, h, w, channels), np.uint8)
+    steps = draw_params(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
+    out = BACKENDS[backend](work, steps, spec)
+    if not isinstance(out, np.ndarray):  # pragma: no cover - guarded by the size check above
+        raise InvalidInputError("images: the spec left images of different sizes in one batch")
+    if out is images:
+        out = out.copy()
+    return out

@@ -1,0 +1,402 @@
+"""The gRPC service: thin servicers over the worker pool (DESIGN contracts 2-5).
+
+Each method decodes and validates its message, hands the work to the pool, and builds the reply;
+errors from the package's exception tree become status codes in one place (`_status_of`).
+`create_server(address, settings) -> (server, port)` starts the worker pool first, then builds
+the gRPC server, so no process is forked once gRPC threads exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import __version__
+from .datasets import Dataset, check_sample_ids, load_dataset
+from .engine import BACKENDS
+from .errors import (
+    AugsvcError,
+    CancelledError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    grpc_status,
+)
+from .metrics import ServerMetrics
+from .plan import epoch_batches
+from .pool import WorkerPool, default_workers
+from .security import TokenInterceptor, is_local_address, server_credentials
+from .spec import Spec
+from .tensors import decode_tensor, encode_tensor
+from .v1 import augment_pb2 as pb
+from .v1 import augment_pb2_grpc as pb_grpc
+
+log = logging.getLogger("augsvc.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Augmenter"].full_name
+T = TypeVar("T")
+
+
+@dataclass
+class ServerSettings:
+    """Everything `augsvc serve` can configure; defaults suit one trainer on one host."""
+
+    workers: int | None = None                 # None: the CPU quota this process may use
+    datasets: dict[str, str] = field(default_factory=dict)   # name -> source
+    builtin_side: int = 32
+    cache_budget_bytes: int = 2 << 30
+    max_image_side: int = 4096
+    max_batch_bytes: int = 64 << 20
+    max_inflight: int | None = None            # jobs queued or running in the pool
+    max_concurrent_rpcs: int = 64
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    token: str | None = None
+    insecure: bool = False                     # allow plaintext beyond loopback
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    grace_seconds: float = 10.0
+
+    @property
+    def max_message_bytes(self) -> int:
+        # A batch plus its labels and ids, with room for the encoding.
+        return self.max_batch_bytes + (1 << 20) + self.max_batch_bytes // 16
+
+
+def _wait(fut: futures.Future[T], context: grpc.ServicerContext) -> T:
+    """The future's result, giving up (and cancelling queued work) if the caller goes away."""
+    while True:
+        try:
+            return fut.result(timeout=0.2)
+        except futures.TimeoutError:
+            if not context.is_active():
+                fut.cancel()
+                raise CancelledError("the call was cancelled or its deadline passed") from None
+
+
+def _backend(name: str) -> str:
+    name = name or "fused"
+    if name not in BACKENDS:
+        raise InvalidInputError(f"backend: {name!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+def _spec(msg: pb.Pipeline) -> Spec:
+    return Spec.from_proto(msg)
+
+
+class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
+    def __init__(self, pool: WorkerPool, datasets: dict[str, Dataset], settings: ServerSettings,
+                 metrics: ServerMetrics) -> None:
+        self._pool = pool
+        self._datasets = datasets
+        self._settings = settings
+        self._metrics = metrics
+        self._window = max(2, pool.worker_count)
+
+    # -- one place for errors and metrics --------------------------------------------------------
+    def _status_of(self, method: str, exc: BaseException, context: grpc.ServicerContext) -> None:
+        code, message = grpc_status(exc)
+        if not isinstance(exc, AugsvcError):
+            log.exception("internal error in %s", method)
+        self._metrics.errors.labels(method, code.name).inc()
+        context.abort(code, message)
+
+    def _guard(self, method: str, context: grpc.ServicerContext, body: Callable[[], T]) -> T:
+        self._metrics.inflight.inc()
+        try:
+            return body()
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never raised into gRPC
+            self._status_of(method, exc, context)
+            raise  # pragma: no cover - abort raises
+        finally:
+            self._metrics.inflight.dec()
+
+    def _guard_stream(self, method: str, context: grpc.ServicerContext, body: Iterator[T]) -> Iterator[T]:
+        self._metrics.inflight.inc()
+        try:
+            yield from body
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.RpcError) or isinstance(exc, CancelledError) and not context.is_active():
+                return
+            self._status_of(method, exc, context)
+        finally:
+            self._metrics.inflight.dec()
+
+    def _observe(self, method: str, images: int, started: float) -> None:
+        self._metrics.images.labels(method).inc(images)
+        self._metrics.batches.labels(method).inc()
+        self._metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+    # -- Augment / AugmentStream -----------------------------------------------------------------
+    def _submit_augment(self, request: pb.AugmentRequest) -> futures.Future[np.ndarray]:
+        spec = _spec(request.spec)
+        backend = _backend(request.backend)
+        images: Any
+        if request.encoded_images:
+            if request.HasField("images") and request.images.data:
+                raise InvalidInputError("images: send either images or encoded_images, not both")
+            images = list(request.encoded_images)
+        else:
+            images = decode_tensor(request.images, max_side=self._settings.max_image_side,
+                                   max_bytes=self._settings.max_batch_bytes)
+        return self._pool.submit_augment(images, spec.to_bytes(), seed=request.seed, epoch=request.epoch,
+                                         sample_ids=np.array(request.sample_ids, np.uint64), backend=backend)
+
+    def Augment(self, request: pb.AugmentRequest, context: grpc.ServicerContext) -> pb.AugmentResponse:
+        def body() -> pb.AugmentResponse:
+            started = time.perf_counter()
+            out = _wait(self._submit_augment(request), context)
+            self._observe("Augment", len(out), started)
+            return pb.AugmentResponse(images=encode_tensor(out), sample_ids=request.sample_ids,
+                                      tag=request.tag)
+
+        return self._guard("Augment", context, body)
+
+    def AugmentStream(self, request_iterator: Iterator[pb.AugmentRequest], context: grpc.ServicerContext
+                      ) -> Iterator[pb.AugmentResponse]:
+        return self._guard_stream("AugmentStream", context, self._augment_stream(request_iterator, context))
+
+    def _augment_stream(self, requests: Iterator[pb.AugmentRequest], context: grpc.ServicerContext
+                        ) -> Iterator[pb.AugmentResponse]:
+        # A reader thread submits requests as they arrive (bounded by the window), so a client
+        # that waits for each reply before sending the next is never deadlocked.
+        pending: deque[tuple[pb.AugmentRequest, futures.Future[np.ndarray] | BaseException]] = deque()
+        cond = threading.Condition()
+        finished = [False]
+
+        def reader() -> None:
+            try:
+                for req in requests:
+                    with cond:
+                        while len(pending) >= self._window and context.is_active():
+                            cond.wait(0.2)
+                    try:
+                        item: futures.Future[np.ndarray] | BaseException = self._submit_augment(req)
+                    except Exception as exc:  # noqa: BLE001 - reported in order, below
+                        item = exc
+                    with cond:
+                        pending.append((req, item))
+                        cond.notify_all()
+                    if isinstance(item, BaseException) or not context.is_active():
+                        break
+            except Exception:  # noqa: BLE001 - the client's stream broke; nothing left to read
+                pass
+            finally:
+                with cond:
+                    finished[0] = True
+                    cond.notify_all()
+
+        threading.Thread(target=reader, name="augment-stream-reader", daemon=True).start()
+        while True:
+            with cond:
+                while not pending and not finished[0]:
+                    cond.wait(0.2)
+                    if not context.is_active():
+                        return
+                if not pending:
+                    return
+                req, item = pending.popleft()
+                cond.notify_all()
+            if isinstance(item, BaseException):
+                raise item
+            started = time.perf_counter()
+            out = _wait(item, context)
+            self._observe("AugmentStream", len(out), started)
+            yield pb.AugmentResponse(images=encode_tensor(out), sample_ids=req.sample_ids, tag=req.tag)
+
+    # -- StreamBatches ---------------------------------------------------------------------------
+    def StreamBatches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+                      ) -> Iterator[pb.Batch]:
+        return self._guard_stream("StreamBatches", context, self._stream_batches(request, context))
+
+    def _stream_batches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+                        ) -> Iterator[pb.Batch]:
+        ds = self._datasets.get(request.dataset)
+        if ds is None:
+            served = ", ".join(sorted(self._datasets)) or "none"
+            raise NotFoundError(f"dataset: {request.dataset!r} is not served here; available: {served}")
+        spec = _spec(request.spec)
+        backend = _backend(request.backend)
+        if ds.image_shape is None and spec.output_size is None:
+            raise InvalidInputError(f"spec: dataset {ds.name!r} has images of different sizes; add a resize "
+                                    "or random_resized_crop step so that every batch has one shape")
+        if request.batch_size < 1:
+            raise InvalidInputError("batch_size: 0 is not allowed; expected an integer >= 1")
+        self._check_batch_bytes(ds, spec, request.batch_size)
+        population = (check_sample_ids(np.array(request.sample_ids, np.uint64), ds.num_samples)
+                      if request.sample_ids else ds.num_samples)
+        shuffle = request.shuffle if request.HasField("shuffle") else True
+        plan = epoch_batches(population, request.batch_size, seed=request.seed, epoch=request.epoch,
+                             shuffle=shuffle, drop_last=request.drop_last)
+        end = request.end if request.HasField("end") else len(plan)
+        if not request.start <= end <= len(plan):
+            raise InvalidInputError(f"start/end: batch range [{request.start}, {end}) is outside the epoch's "
+                                    f"batches [0, {len(plan)})")
+        indices = range(request.start, end, request.stride or 1)
+        spec_bytes = spec.to_bytes()
+        window: deque[tuple[int, futures.Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+        it = iter(indices)
+        try:
+            while True:
+                while len(window) < self._window and context.is_active():
+                    k = next(it, None)
+                    if k is None:
+                        break
+                    window.append((k, self._pool.submit_batch(ds.name, plan[k], spec_bytes, seed=request.seed,
+                                                              epoch=request.epoch, backend=backend)))
+                if not window:
+                    return
+                k, fut = window.popleft()
+                started = time.perf_counter()
+                images, labels = _wait(fut, context)
+                self._observe("StreamBatches", len(images), started)
+                yield pb.Batch(epoch=request.epoch, batch_index=k, images=encode_tensor(images),
+                               labels=labels.tolist(), sample_ids=plan[k].tolist())
+        finally:
+            for _, fut in window:
+                fut.cancel()
+
+    def _check_batch_bytes(self, ds: Dataset, spec: Spec, batch_size: int) -> None:
+        size = spec.output_size or (ds.image_shape[:2] if ds.image_shape else None)
+        if size is None:
+            return
+        nbytes = batch_size * size[0] * size[1] * ds.channels
+        if nbytes > self._settings.max_batch_bytes:
+            raise LimitExceededError(f"batch_size: {batch_size} images of {size[0]}x{size[1]}x{ds.channels} "
+                                     f"are {nbytes} bytes, over the batch limit of "
+                                     f"{self._settings.max_batch_bytes} bytes")
+
+    # -- metadata --------------------------------------------------------------------------------
+    def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+                     ) -> pb.ListDatasetsResponse:
+        infos = [pb.DatasetInfo(name=ds.name, num_samples=ds.num_samples, num_classes=len(ds.class_names),
+                                class_names=ds.class_names, image_shape=list(ds.image_shape or ()),
+                                source=ds.kind) for ds in self._datasets.values()]
+        return pb.ListDatasetsResponse(datasets=infos)
+
+    def GetServerInfo(self, request: pb.ServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        return pb.ServerInfo(version=__version__, workers=self._pool.worker_count, backends=list(BACKENDS),
+                             max_image_side=self._settings.max_image_side,
+                             max_batch_bytes=self._settings.max_batch_bytes,
+                             max_inflight=self._pool.max_inflight, hostname=socket.gethostname(),
+                             pid=os.getpid())
+
+
+class AugmentServer:
+    """A gRPC server with its worker pool and datasets; `stop()` drains, then frees everything."""
+
+    def __init__(self, grpc_server: grpc.Server, pool: WorkerPool, datasets: dict[str, Dataset],
+                 health_servicer: health.HealthServicer, metrics: ServerMetrics, settings: ServerSettings
+                 ) -> None:
+        self.grpc_server = grpc_server
+        self.pool = pool
+        self.datasets = datasets
+        self.health = health_servicer
+        self.metrics = metrics
+        self.settings = settings
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+        self._monitor = threading.Thread(target=self._watch_pool, name="augsvc-pool-metrics", daemon=True)
+
+    def start(self) -> AugmentServer:
+        self.grpc_server.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._monitor.start()
+        return self
+
+    def _watch_pool(self) -> None:
+        while not self._stopped.wait(1.0):
+            stats = self.pool.stats()
+            self.metrics.worker_restarts.set(stats["restarts"])
+            self.metrics.workers_alive.set(stats["alive"])
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let in-flight calls finish within `grace` seconds, then free workers
+        and shared memory. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.grpc_server.stop(grace).wait()
+        self.pool.close()
+        for ds in self.datasets.values():
+            ds.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+    def __enter__(self) -> AugmentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+def create_server(address: str, settings: ServerSettings | None = None) -> tuple[AugmentServer, int]:
+    """Build a server bound to `address` ('127.0.0.1:0', '[::1]:50051', 'unix:/path'); returns it
+    (not yet started: call `.start()`) and the bound port (0 for unix sockets)."""
+    settings = settings or ServerSettings()
+    tls = settings.tls_cert is not None
+    if tls != (settings.tls_key is not None):
+        raise ValueError("tls_cert and tls_key: give both or neither")
+    if settings.tls_client_ca and not tls:
+        raise ValueError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+    if not tls and not settings.insecure and not is_local_address(address):
+        raise ValueError(f"address: {address!r} is not loopback or a unix socket; serve it with TLS "
+                         "(tls_cert/tls_key) or pass insecure=True (--insecure) explicitly")
+    datasets = {name: load_dataset(name, source, builtin_side=settings.builtin_side,
+                                   cache_budget_bytes=settings.cache_budget_bytes)
+                for name, source in settings.datasets.items()}
+    pool = WorkerPool(settings.workers or default_workers(), datasets=datasets,
+                      max_batch_bytes=settings.max_batch_bytes, max_inflight=settings.max_inflight,
+                      max_image_side=settings.max_image_side)
+    try:
+        pool.start()  # before gRPC exists (DESIGN contract 5)
+        metrics = ServerMetrics()
+        interceptors = []
+        if settings.token:
+            interceptors.append(TokenInterceptor(
+                settings.token, on_reject=lambda m: metrics.errors.labels(m, "UNAUTHENTICATED").inc()))
+        options = [("grpc.max_send_message_length", settings.max_message_bytes),
+                   ("grpc.max_receive_message_length", settings.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + 8,
+                                                        thread_name_prefix="augsvc-rpc"),
+                             interceptors=interceptors, options=options,
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+        pb_grpc.add_AugmenterServicer_to_server(AugmenterServicer(pool, datasets, settings, metrics), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        if tls:
+            port = server.add_secure_port(address, server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca))  # type: ignore[arg-type]
+        else:
+            port = server.add_insecure_port(address)
+    except BaseException:
+        pool.close()
+        for ds in datasets.values():
+            ds.close()
+        raise
+    return AugmentServer(server, pool, datasets, health_servicer, metrics, settings), port
