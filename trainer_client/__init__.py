@@ -1,0 +1,10 @@
+"""trainer_client: the PyTorch side of augsvc — a client, an exactly-once stream of augmented
+batches, a regularized CNN, and a training loop that watches for overfitting. The only package
+that imports torch."""
+
+from __future__ import annotations
+
+from .client import AugmentClient, TLSConfig
+from .stream import AugmentedStream, StreamError
+
+__all__ = ["AugmentClient", "AugmentedStream", "StreamError", "TLSConfig"]

@@ -1,0 +1,174 @@
+"""AugmentClient: one or many augsvc endpoints, TLS / mutual TLS, a bearer token, deadlines, and
+retries of UNAVAILABLE on another endpoint.
+
+Targets: "host:port", "unix:/path/sock", a comma-separated list, a list of those, or a
+"dns:///name:port" name, which gets gRPC's round_robin policy over every address it resolves to
+(a Kubernetes headless Service, a compose service with several replicas).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from augsvc.spec import load_spec
+from augsvc.tensors import decode_tensor, encode_tensor
+from augsvc.v1 import augment_pb2 as pb
+from augsvc.v1 import augment_pb2_grpc as pb_grpc
+
+#: Status codes worth retrying on another endpoint: the server or a worker went away, or is full.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Paths of PEM files: `ca` verifies the server; `cert` + `key` authenticate this client (mTLS)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # overrides the name checked against the server certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
+    if isinstance(target_or_endpoints, str):
+        if target_or_endpoints.startswith("dns:"):
+            return [target_or_endpoints]
+        targets = [t.strip() for t in target_or_endpoints.split(",") if t.strip()]
+    else:
+        targets = [str(t) for t in target_or_endpoints]
+    if not targets:
+        raise ValueError("target_or_endpoints: empty; expected 'host:port', 'unix:/path', 'dns:///name:port' "
+                         "or a list of them")
+    return targets
+
+
+class AugmentClient:
+    """A client of one or more augsvc servers. Thread-safe; use as a context manager."""
+
+    def __init__(self, target_or_endpoints: str | Sequence[str], *, tls: bool | TLSConfig | None = None,
+                 token: str | None = None, timeout: float = 60.0, retries: int = 3,
+                 max_message_bytes: int = 512 << 20) -> None:
+        self.targets = parse_targets(target_or_endpoints)
+        self.timeout = timeout
+        self.retries = retries
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   # Bigger HTTP/2 windows: a batch is megabytes (measured in `augsvc bench transport`).
+                   ("grpc.http2.lookahead_bytes", 8 << 20)]
+        tls_config = TLSConfig() if tls is True else (tls or None)
+        if isinstance(tls_config, TLSConfig) and tls_config.server_name:
+            options.append(("grpc.ssl_target_name_override", tls_config.server_name))
+        self._channels: list[grpc.Channel] = []
+        for target in self.targets:
+            opts = list(options)
+            if target.startswith("dns:"):
+                opts.append(("grpc.lb_policy_name", "round_robin"))
+            if tls_config is not None:
+                self._channels.append(grpc.secure_channel(target, tls_config.credentials(), options=opts))
+            else:
+                self._channels.append(grpc.insecure_channel(target, options=opts))
+        self._stubs = [pb_grpc.AugmenterStub(ch) for ch in self._channels]
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    # -- endpoints -------------------------------------------------------------------------------
+    @property
+    def num_endpoints(self) -> int:
+        return len(self._stubs)
+
+    def stub(self, index: int) -> pb_grpc.AugmenterStub:
+        return self._stubs[index % len(self._stubs)]
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def _pick(self) -> int:
+        with self._lock:
+            return next(self._next) % len(self._stubs)
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        """A unary call with retries of retryable codes, each on the next endpoint."""
+        start = self._pick()
+        last: grpc.RpcError | None = None
+        for attempt in range(self.retries + 1):
+            stub = self._stubs[(start + attempt) % len(self._stubs)]
+            try:
+                return getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
+                        and attempt == self.retries:
+                    raise
+                last = exc
+        assert last is not None
+        raise last
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    def augment(self, images: np.ndarray, spec: Any, *, seed: int, epoch: int, sample_ids: Any,
+                backend: str = "fused", timeout: float | None = None) -> np.ndarray:
+        """Augment an (N,H,W,C) uint8 batch on a server; equals `augsvc.augment_batch` bit for bit."""
+        request = pb.AugmentRequest(spec=load_spec(spec).to_proto(), images=encode_tensor(images),
+                                    seed=seed, epoch=epoch, sample_ids=np.asarray(sample_ids).tolist(),
+                                    backend=backend)
+        reply = self._call("Augment", request, timeout)
+        return np.array(decode_tensor(reply.images))
+
+    def stream_batches(self, endpoint: int, request: pb.StreamBatchesRequest, timeout: float | None = None
+                       ) -> Any:
+        """A StreamBatches call on one endpoint (a cancellable iterator of Batch messages)."""
+        return self.stub(endpoint).StreamBatches(request, timeout=timeout or self.timeout,
+                                                 metadata=self._metadata)
+
+    def augment_stream(self, endpoint: int, requests: Iterator[pb.AugmentRequest],
+                       timeout: float | None = None) -> Any:
+        return self.stub(endpoint).AugmentStream(requests, timeout=timeout or self.timeout,
+                                                 metadata=self._metadata)
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        reply = self._call("ListDatasets", pb.ListDatasetsRequest(), None)
+        return [json_format.MessageToDict(d, preserving_proto_field_name=True,
+                                          always_print_fields_with_no_presence=True) for d in reply.datasets]
+
+    def dataset_info(self, name: str) -> dict[str, Any]:
+        for info in self.list_datasets():
+            if info["name"] == name:
+                return info
+        raise LookupError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
+
+    def server_info(self) -> dict[str, Any]:
+        reply = self._call("GetServerInfo", pb.ServerInfoRequest(), None)
+        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until every endpoint's channel is connected."""
+        for ch in self._channels:
+            grpc.channel_ready_future(ch).result(timeout=timeout)
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> AugmentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

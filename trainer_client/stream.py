@@ -1,0 +1,264 @@
+"""AugmentedStream: a torch IterableDataset over augsvc that delivers each batch of the epoch
+plan exactly once, in plan order, whatever happens to the servers (DESIGN contract 2).
+
+How: the client computes the same plan as the servers (`augsvc.epoch_batches`). This rank's batch
+indices are cut into small chunks; one fetch thread per stream takes the next chunk that lies
+inside the prefetch window and asks an endpoint for it (StreamBatches for server-side datasets,
+AugmentStream for data the client owns). Batches land in a table keyed by index, so a duplicate
+is dropped; when a call fails with a retryable code, the chunk's missing batches go back to the
+front of the queue for any healthy endpoint, and the failed endpoint backs off. The consumer
+yields indices in order. A batch is an idempotent unit of work: any server produces the same
+bytes for batch k of epoch e.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from augsvc.plan import epoch_batches
+from augsvc.spec import load_spec
+from augsvc.tensors import decode_tensor, encode_tensor
+from augsvc.v1 import augment_pb2 as pb
+
+from .client import RETRYABLE, AugmentClient
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class StreamError(RuntimeError):
+    """The epoch could not be delivered (a non-retryable status, or retries exhausted)."""
+
+
+def _to_torch(images: np.ndarray, labels: Any, ids: Any) -> Batch:
+    nchw = images.transpose(0, 3, 1, 2).copy(order="C")  # writable, owned by torch
+    return (torch.from_numpy(nchw), torch.as_tensor(np.asarray(labels, np.int64)),
+            torch.as_tensor(np.asarray(ids, np.int64)))
+
+
+class AugmentedStream(IterableDataset[Batch]):
+    """Augmented batches `(images uint8 [N,C,H,W], labels int64 [N], sample_ids int64 [N])`.
+
+    dataset: a dataset name served by the endpoints. sample_ids: the epoch's population (a split
+    or subset); None means the whole dataset. Rank r of world_size R gets batches k % R == r.
+    prefetch: batches kept in flight or ready ahead of the consumer (memory is bounded by it).
+    """
+
+    def __init__(self, client: AugmentClient, dataset: str | None, spec: Any, *, batch_size: int, seed: int,
+                 epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, prefetch: int = 8,
+                 sample_ids: Any = None, drop_last: bool = False, backend: str = "fused",
+                 streams: int | None = None, chunk: int | None = None, timeout: float = 120.0,
+                 max_attempts: int = 10) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size} is not allowed; expected >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank/world_size: rank {rank} of {world_size} is not allowed; "
+                             "expected 0 <= rank < world_size")
+        if prefetch < 1:
+            raise ValueError(f"prefetch: {prefetch} is not allowed; expected >= 1")
+        self.client = client
+        self.dataset = dataset
+        self.spec = load_spec(spec)
+        self.batch_size, self.seed, self.epoch, self.shuffle = batch_size, seed, epoch, shuffle
+        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.drop_last, self.backend, self.timeout, self.max_attempts = drop_last, backend, timeout, max_attempts
+        self.streams = streams or max(2, client.num_endpoints)
+        self.chunk = chunk or max(1, min(4, prefetch // self.streams))
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        if sample_ids is None and dataset is not None:
+            self.population: np.ndarray = np.arange(int(client.dataset_info(dataset)["num_samples"]))
+        else:
+            self.population = np.asarray(sample_ids, np.int64)
+        self.position = 0  # batches of this rank already yielded in `self.epoch`
+
+    @classmethod
+    def from_arrays(cls, client: AugmentClient, images: np.ndarray, labels: Sequence[int] | np.ndarray,
+                    spec: Any, **kwargs: Any) -> AugmentedStream:
+        """The same guarantees for data the client owns: `images` (N,H,W,C) uint8 are sent through
+        AugmentStream; sample id i is row i (pass sample_ids= to restrict the population)."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images: {images.dtype} {images.shape} is not a uint8 (N, H, W, C) array")
+        kwargs.setdefault("sample_ids", np.arange(len(images)))
+        stream = cls(client, None, spec, **kwargs)
+        stream._arrays = (images, np.asarray(labels, np.int64))
+        return stream
+
+    # -- epoch and resume ----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def plan(self) -> list[np.ndarray]:
+        return epoch_batches(self.population, self.batch_size, seed=self.seed, epoch=self.epoch,
+                             shuffle=self.shuffle, drop_last=self.drop_last)
+
+    def _indices(self) -> list[int]:
+        return list(range(self.rank, len(self.plan()), self.world_size))
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
+                "spec": self.spec.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "batch_size", "rank", "world_size", "spec"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(f"state_dict: {key} {state[key]!r} does not match this stream's {mine!r}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # -- iteration -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        plan = self.plan()
+        indices = self._indices()[self.position:]
+        fetcher = _Fetcher(self, plan, indices)
+        try:
+            for k in indices:
+                batch = fetcher.take(k)
+                self.position += 1
+                yield batch
+            self.position = 0  # the epoch is complete; set_epoch() moves to the next
+        finally:
+            fetcher.stop()
+
+    # -- one chunk from one endpoint -----------------------------------------------------------------
+    def _fetch(self, endpoint: int, chunk: list[int], plan: list[np.ndarray],
+               deliver: Any, calls: list[Any]) -> None:
+        if self._arrays is None:
+            request = pb.StreamBatchesRequest(
+                dataset=self.dataset, spec=self.spec.to_proto(), seed=self.seed, epoch=self.epoch,
+                batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                sample_ids=self.population.tolist(), start=chunk[0], end=chunk[-1] + 1,
+                stride=self.world_size, backend=self.backend)
+            call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
+            calls.append(call)
+            for msg in call:
+                k = int(msg.batch_index)
+                if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
+                    raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
+                deliver(k, _to_torch(decode_tensor(msg.images), msg.labels, msg.sample_ids))
+            return
+        images, labels = self._arrays
+        spec_msg = self.spec.to_proto()
+
+        def requests() -> Iterator[pb.AugmentRequest]:
+            for k in chunk:
+                ids = plan[k]
+                yield pb.AugmentRequest(spec=spec_msg, images=encode_tensor(images[ids]), seed=self.seed,
+                                        epoch=self.epoch, sample_ids=ids.tolist(), backend=self.backend, tag=k)
+
+        call = self.client.augment_stream(endpoint, requests(), timeout=self.timeout)
+        calls.append(call)
+        for msg in call:
+            k = int(msg.tag)
+            deliver(k, _to_torch(decode_tensor(msg.images), labels[plan[k]], plan[k]))
+
+
+class _Fetcher:
+    """Background fetch threads for one pass over `indices` (see the module docstring)."""
+
+    def __init__(self, stream: AugmentedStream, plan: list[np.ndarray], indices: list[int]) -> None:
+        self.stream = stream
+        self.plan = plan
+        self.order = {k: i for i, k in enumerate(indices)}
+        size = stream.chunk
+        self.queue: deque[list[int]] = deque(indices[i:i + size] for i in range(0, len(indices), size))
+        self.ready: dict[int, Batch] = {}
+        self.attempts: dict[int, int] = {}
+        self.consumed = 0
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.cond = threading.Condition()
+        self.calls: list[Any] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True, name=f"augsvc-fetch-{i}")
+                        for i in range(min(stream.streams, max(1, len(self.queue))))]
+        for t in self.threads:
+            t.start()
+
+    def take(self, k: int) -> Batch:
+        with self.cond:
+            while k not in self.ready:
+                if self.error is not None:
+                    raise self.error
+                self.cond.wait(0.5)
+            batch = self.ready.pop(k)
+            self.consumed += 1
+            self.cond.notify_all()
+            return batch
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+            calls = list(self.calls)
+        for call in calls:
+            call.cancel()
+        for t in self.threads:
+            t.join(timeout=5)
+
+    def _deliver(self, k: int, batch: Batch, pending: list[int]) -> None:
+        with self.cond:
+            if k in pending:
+                pending.remove(k)
+            if k in self.order and self.order[k] >= self.consumed and k not in self.ready:
+                self.ready[k] = batch  # a duplicate (a re-asked batch arriving twice) is dropped
+            self.cond.notify_all()
+
+    def _next_chunk(self) -> list[int] | None:
+        with self.cond:
+            while not self.stopped and self.error is None:
+                if not self.queue:
+                    return None
+                head = self.queue[0]
+                if self.order[head[0]] < self.consumed + self.stream.prefetch:
+                    return self.queue.popleft()
+                self.cond.wait(0.5)  # backpressure: the consumer is behind
+            return None
+
+    def _run(self, worker: int) -> None:
+        endpoint = worker % self.stream.client.num_endpoints
+        backoff = 0.0
+        while True:
+            chunk = self._next_chunk()
+            if chunk is None:
+                return
+            pending = list(chunk)
+            try:
+                self.stream._fetch(endpoint, chunk, self.plan,
+                                   lambda k, b: self._deliver(k, b, pending), self.calls)
+                if pending:  # the stream ended early without an error status
+                    raise StreamError(f"batches {pending} missing from a finished stream")
+                backoff = 0.0
+            except Exception as exc:  # noqa: BLE001 - classified below
+                with self.cond:
+                    if self.stopped:
+                        return
+                    retryable = not isinstance(exc, grpc.RpcError) or exc.code() in RETRYABLE
+                    for k in pending:
+                        self.attempts[k] = self.attempts.get(k, 0) + 1
+                    exhausted = any(self.attempts[k] > self.stream.max_attempts for k in pending)
+                    if not retryable or exhausted or isinstance(exc, StreamError) and not pending:
+                        what = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else exc
+                        self.error = StreamError(f"batches {pending}: {what}")
+                        self.error.__cause__ = exc
+                        self.cond.notify_all()
+                        return
+                    if pending:
+                        self.queue.appendleft(pending)  # any healthy endpoint re-asks for them
+                    self.cond.notify_all()
+                # This endpoint failed: move to the next one and back off before using it again.
+                endpoint = (endpoint + 1) % self.stream.client.num_endpoints
+                backoff = min(2.0, backoff * 2 or 0.05)
+                time.sleep(backoff)
