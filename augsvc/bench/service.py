@@ -1,0 +1,112 @@
+"""`augsvc bench service`: images/s that one client receives from a 2-worker server (StreamBatches
+over a served dataset) against images/s of the engine itself in 2 local processes — same spec,
+same images, same batch size, same run. The ratio is the service's overhead: transport, the
+hand-off to workers, and the client's decoding."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ..spec import load_spec
+from ..tensors import decode_tensor
+from ..v1 import augment_pb2 as pb
+from ..v1 import augment_pb2_grpc as pb_grpc
+from .common import BENCH_SPEC, machine, sample_images, write_json
+
+
+def _engine_proc(path: str, batch: int, seconds: float, out: Any) -> None:
+    import cv2
+
+    from ..engine import augment_batch
+
+    cv2.setNumThreads(0)
+    images = np.load(path)["images"]
+    spec = load_spec(BENCH_SPEC)
+    n, epoch, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        ids = np.arange(epoch * batch, (epoch + 1) * batch) % len(images)
+        augment_batch(images[ids], spec, seed=0, epoch=epoch, sample_ids=ids)
+        n += batch
+        epoch += 1
+    out.put(n / (time.perf_counter() - start))
+
+
+def engine_rate(path: str, processes: int, batch: int, seconds: float) -> float:
+    """Images/s of `processes` local processes running the engine flat out (summed)."""
+    ctx = mp.get_context("spawn")
+    q: Any = ctx.Queue()
+    procs = [ctx.Process(target=_engine_proc, args=(path, batch, seconds, q)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [q.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    return float(sum(rates))
+
+
+def service_rate(target: str, batch: int, seconds: float, num_samples: int) -> float:
+    """Images/s one client receives from StreamBatches, epoch after epoch, decoding every batch."""
+    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.lookahead_bytes", 8 << 20)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.AugmenterStub(channel)
+        spec = load_spec(BENCH_SPEC).to_proto()
+        n, epoch, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            request = pb.StreamBatchesRequest(dataset="bench", spec=spec, seed=0, epoch=epoch, batch_size=batch,
+                                              drop_last=True)
+            for msg in stub.StreamBatches(request):
+                n += len(decode_tensor(msg.images))
+            epoch += 1
+        return n / (time.perf_counter() - start)
+
+
+def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, int]) -> list[dict[str, Any]]:
+    from ..server import ServerSettings, create_server
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            batch = batches.get(side, 64)
+            count = max(8 * batch, 512)
+            path = str(Path(tmp) / f"bench{side}.npz")
+            np.savez(path, images=sample_images(count, side), labels=np.zeros(count, np.int64))
+            local = engine_rate(path, workers, batch, seconds)
+            settings = ServerSettings(workers=workers, datasets={"bench": path},
+                                      max_batch_bytes=max(64 << 20, batch * side * side * 3 * 2))
+            server, port = create_server("127.0.0.1:0", settings)
+            server.start()
+            try:
+                service_rate(f"127.0.0.1:{port}", batch, min(2.0, seconds), count)  # warm-up
+                remote = service_rate(f"127.0.0.1:{port}", batch, seconds, count)
+            finally:
+                server.stop(0)
+            rows.append({"side": side, "batch": batch, "workers": workers, "service": remote,
+                         "engine_local": local, "ratio": remote / local})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="augsvc bench service", description=__doc__)
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--batch-32", type=int, default=512, help="batch size at 32x32")
+    parser.add_argument("--batch-224", type=int, default=64, help="batch size at 224x224")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows = run(args.sides, workers=args.workers, seconds=args.seconds,
+               batches={32: args.batch_32, 224: args.batch_224})
+    print(f"service vs engine, {args.workers} workers vs {args.workers} local engine processes ({machine()})")
+    print(f"{'side':>5} {'batch':>6} {'service img/s':>14} {'engine img/s':>13} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['side']:>5} {r['batch']:>6} {r['service']:>14.0f} {r['engine_local']:>13.0f} {r['ratio']:>7.2f}")
+    write_json(args.json, {"benchmark": "service", "rows": rows})
+    return 0

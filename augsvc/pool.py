@@ -1,0 +1,423 @@
+"""Worker processes with a shared-memory hand-off (DESIGN contract 5).
+
+`WorkerPool.start()` runs before any gRPC server exists. Workers come from a forkserver, so a
+replacement for a dead worker is forked from that clean server process, never from the gRPC
+process. Each worker owns two slots of ``max_batch_bytes`` (input, output) that the parent
+creates; pixels cross only through them, the pipe carries small control tuples.
+
+One feeder thread per worker takes jobs from one shared queue, writes the input slot, sends
+the command and waits on both the reply and the process sentinel: a worker that dies mid-job
+fails only that job (`WorkerUnavailableError`, retryable) and is replaced.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from .datasets import Dataset, check_sample_ids
+from .errors import InvalidInputError, LimitExceededError, NotFoundError, WorkerUnavailableError
+from .shm import create_segment, release_segment
+from .worker import SLEEP_HOOK_ENV, WorkerConfig, launch_worker, remote_error, wait_ready
+
+__all__ = ["WorkerPool", "default_workers"]
+
+log = logging.getLogger("augsvc.pool")
+
+_PRELOAD = ["augsvc.worker", "augsvc.engine", "augsvc.datasets", "augsvc.spec", "cv2", "PIL.Image"]
+_HEALTH_INTERVAL_S = 0.5
+
+
+def default_workers(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: the cgroup CPU quota (v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``) rounded up, capped by the CPU affinity; at least 1.
+    A container's quota is what it gets, whatever ``os.cpu_count()`` says about the host."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root))
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path) -> int | None:
+    try:
+        fields = (root / "cpu.max").read_text().split()
+    except OSError:
+        pass
+    else:  # cgroup v2: "max 100000" or "200000 100000"
+        try:
+            return None if fields[0] == "max" else math.ceil(int(fields[0]) / int(fields[1]))
+        except (IndexError, ValueError, ZeroDivisionError):
+            return None
+    for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):  # cgroup v1
+        try:
+            quota = int((root / sub / "cpu.cfs_quota_us").read_text())
+            period = int((root / sub / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return math.ceil(quota / period) if quota > 0 and period > 0 else None
+    return None
+
+
+@dataclass
+class _Job:
+    kind: str                         # "augment" | "batch"
+    meta: dict[str, Any]
+    payload: np.ndarray | Sequence[bytes] | None
+    future: Future[Any]
+    labels: np.ndarray | None = None
+
+
+@dataclass
+class _Slot:
+    """One worker position: its shm slots outlive the processes that fill it."""
+
+    index: int
+    in_shm: SharedMemory
+    out_shm: SharedMemory
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    pid: int | None = None
+    alive: bool = False
+    feeder: threading.Thread | None = field(default=None, repr=False)
+
+
+class _Closing(Exception):
+    pass
+
+
+class WorkerPool:
+    """A fixed number of worker processes that augment batches; every submit returns a Future.
+
+    Limits (all raise `LimitExceededError`, RESOURCE_EXHAUSTED on the wire): an input or output
+    batch over ``max_batch_bytes``, an image side over ``max_image_side``, more than
+    ``max_inflight`` jobs queued or running (default: 4 per worker, at least 8).
+    """
+
+    def __init__(self, workers: int, *, datasets: Mapping[str, Dataset] | None = None,
+                 max_batch_bytes: int = 64 << 20, max_inflight: int | None = None,
+                 max_image_side: int = 4096, start_timeout_s: float = 120.0) -> None:
+        inflight = 1 if max_inflight is None else max_inflight
+        for name, value in [("workers", workers), ("max_batch_bytes", max_batch_bytes),
+                            ("max_inflight", inflight), ("max_image_side", max_image_side)]:
+            if value < 1:
+                raise ValueError(f"{name}: {value} is not allowed; expected >= 1")
+        self._n = workers
+        self._datasets = dict(datasets or {})
+        self.max_batch_bytes = max_batch_bytes
+        self.max_inflight = max_inflight if max_inflight is not None else max(8, 4 * workers)
+        self.max_image_side = max_image_side
+        self._start_timeout_s = start_timeout_s
+        self._ctx = mp.get_context("forkserver")
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._slots: list[_Slot] = []
+        self._inflight = 0
+        self._counts = {"restarts": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self._started = False
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> WorkerPool:
+        """Start the workers (and the forkserver). Call before any gRPC server exists."""
+        if self._closing:
+            raise RuntimeError("this WorkerPool was closed; create a new one")
+        if self._started:
+            return self
+        self._started = True
+        os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # the forkserver inherits it; it imports albumentations
+        self._ctx.set_forkserver_preload(_PRELOAD)
+        atexit.register(self.close)
+        try:
+            for i in range(self._n):
+                in_shm = create_segment(self.max_batch_bytes, f"in{i}", reserve=False)
+                try:
+                    out_shm = create_segment(self.max_batch_bytes, f"out{i}", reserve=False)
+                except BaseException:
+                    release_segment(in_shm, unlink=True)
+                    raise
+                self._slots.append(_Slot(i, in_shm, out_shm))
+            for slot in self._slots:
+                self._spawn(slot)
+        except BaseException:
+            self.close()
+            raise
+        for slot in self._slots:
+            slot.feeder = threading.Thread(target=self._feed, args=(slot,), daemon=True,
+                                           name=f"augsvc-feeder-{slot.index}")
+            slot.feeder.start()
+        return self
+
+    def close(self) -> None:
+        """Fail what is running, cancel what is queued, stop the workers, unlink every slot."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            queued = list(self._queue)
+            self._queue.clear()
+            procs = [s.process for s in self._slots]
+            self._cond.notify_all()
+        atexit.unregister(self.close)
+        for job in queued:
+            job.future.cancel()
+        for p in procs:
+            if p is not None and p.pid is not None:
+                try:
+                    p.terminate()
+                except (OSError, ValueError):
+                    pass
+        for slot in self._slots:
+            if slot.feeder is not None:
+                slot.feeder.join(timeout=30)
+        for slot in self._slots:
+            self._reap(slot)
+            release_segment(slot.in_shm, unlink=True)
+            release_segment(slot.out_shm, unlink=True)
+
+    def __enter__(self) -> WorkerPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- introspection -------------------------------------------------------------------------
+    @property
+    def worker_count(self) -> int:
+        return self._n
+
+    @property
+    def datasets(self) -> Mapping[str, Dataset]:
+        return self._datasets
+
+    def pids(self) -> list[int | None]:
+        """Process id per worker position (for tests and logs)."""
+        return [s.pid for s in self._slots]
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"workers": self._n, "alive": sum(s.alive for s in self._slots),
+                    "inflight": self._inflight, "queued": len(self._queue), **self._counts}
+
+    # -- submitting ----------------------------------------------------------------------------
+    def submit_augment(self, images: np.ndarray | Sequence[bytes], spec_bytes: bytes, *, seed: int,
+                       epoch: int, sample_ids: Any, backend: str = "fused") -> Future[np.ndarray]:
+        """Augment an (N, H, W, C) uint8 array, or N encoded PNG/JPEG images (decoded in the worker)."""
+        ids = np.asarray(sample_ids)
+        meta: dict[str, Any] = {"spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
+                                "sample_ids": ids, "backend": backend}
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+                raise InvalidInputError(f"images: {images.dtype} {tuple(images.shape)} is not a uint8 "
+                                        "(N, H, W, C) batch with C in {1, 3}")
+            if max(images.shape[1:3]) > self.max_image_side:
+                raise LimitExceededError(f"images: side {max(images.shape[1:3])} is over the limit of "
+                                         f"{self.max_image_side} pixels")
+            self._check_bytes(images.nbytes, "images")
+            meta.update(shape=images.shape, channels=images.shape[3])
+            count = len(images)
+        else:
+            blobs = list(images)
+            if not all(isinstance(b, (bytes, bytearray, memoryview)) for b in blobs):
+                raise InvalidInputError("encoded_images: expected bytes (PNG/JPEG) per image")
+            self._check_bytes(sum(len(b) for b in blobs), "encoded_images")
+            meta["lengths"] = [len(b) for b in blobs]
+            images, count = blobs, len(blobs)
+        if ids.ndim != 1 or len(ids) != count:
+            raise InvalidInputError(f"sample_ids: {ids.size} ids for {count} images; expected one per image")
+        return self._submit(_Job("augment", meta, images, Future()))
+
+    def submit_batch(self, dataset: str, sample_ids: Any, spec_bytes: bytes, *, seed: int, epoch: int,
+                     backend: str = "fused") -> Future[tuple[np.ndarray, np.ndarray]]:
+        """Augment samples of a served dataset; the worker reads them from shared memory.
+        The Future's result is (images, labels)."""
+        ds = self._datasets.get(dataset)
+        if ds is None:
+            served = ", ".join(sorted(self._datasets)) or "none"
+            raise NotFoundError(f"dataset: {dataset!r} is not served here; available: {served}")
+        ids = check_sample_ids(sample_ids, ds.num_samples)
+        if ds.image_shape is not None:
+            self._check_bytes(len(ids) * math.prod(ds.image_shape), "sample_ids")
+        meta = {"dataset": dataset, "spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
+                "sample_ids": ids, "backend": backend, "channels": ds.channels}
+        return self._submit(_Job("batch", meta, None, Future(), labels=ds.labels[ids]))
+
+    def _check_bytes(self, nbytes: int, what: str) -> None:
+        if nbytes > self.max_batch_bytes:
+            raise LimitExceededError(f"{what}: the batch is {nbytes} bytes; the limit (max_batch_bytes) is "
+                                     f"{self.max_batch_bytes}; send fewer or smaller images")
+
+    def _submit(self, job: _Job) -> Future[Any]:
+        with self._cond:
+            if not self._started or self._closing:
+                raise WorkerUnavailableError("the worker pool is not running; retry on another server")
+            if self._inflight >= self.max_inflight:
+                raise LimitExceededError(f"the server has {self._inflight} batches in flight; the limit "
+                                         f"(max_inflight) is {self.max_inflight}; retry later")
+            self._inflight += 1
+            self._queue.append(job)
+            self._cond.notify()
+        job.future.add_done_callback(lambda f: self._job_done(job))
+        return job.future
+
+    def _job_done(self, job: _Job) -> None:
+        fut = job.future
+        with self._cond:
+            self._inflight -= 1
+            if fut.cancelled():
+                self._counts["cancelled"] += 1
+                try:  # a queued job that was cancelled leaves the queue now, not when a feeder gets to it
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
+            elif fut.exception() is not None:
+                self._counts["failed"] += 1
+            else:
+                self._counts["completed"] += 1
+
+    # -- feeding (one thread per worker) -------------------------------------------------------
+    def _feed(self, slot: _Slot) -> None:
+        backoff = 0.5
+        while True:
+            if slot.process is None or slot.process.exitcode is not None:
+                try:
+                    self._replace(slot)
+                    backoff = 0.5
+                except _Closing:
+                    return
+                except Exception:
+                    log.exception("worker %d: a replacement failed to start; trying again in %.1fs",
+                                  slot.index, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+            with self._cond:
+                if self._closing:
+                    return
+                if not self._queue:
+                    self._cond.wait(_HEALTH_INTERVAL_S)
+                    continue
+                job = self._queue.popleft()
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    self._run(slot, job)
+                except Exception as exc:  # never lose the feeder; never leave a future hanging
+                    log.exception("worker %d: dispatch failed", slot.index)
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError(f"internal error: {type(exc).__name__}"))
+
+    def _run(self, slot: _Slot, job: _Job) -> None:
+        assert slot.conn is not None and slot.process is not None
+        if isinstance(job.payload, np.ndarray):
+            np.copyto(np.ndarray(job.payload.shape, np.uint8, buffer=slot.in_shm.buf), job.payload)
+        elif job.payload is not None:
+            buf, pos = cast(memoryview, slot.in_shm.buf), 0
+            for blob in job.payload:
+                buf[pos:pos + len(blob)] = blob
+                pos += len(blob)
+        job.payload = None
+        reply = None
+        try:
+            slot.conn.send((job.kind, job.meta))
+            ready = wait([slot.conn, slot.process.sentinel])
+            if slot.conn in ready or slot.conn.poll(0):
+                reply = slot.conn.recv()
+        except (EOFError, OSError):
+            pass
+        if reply is None:
+            self._worker_died(slot, job)
+        elif reply[0] == "ok":
+            images = np.ndarray(reply[1], np.uint8, buffer=slot.out_shm.buf).copy()
+            job.future.set_result(images if job.labels is None else (images, job.labels))
+        else:
+            job.future.set_exception(remote_error(reply[1], reply[2]))
+
+    def _worker_died(self, slot: _Slot, job: _Job) -> None:
+        assert slot.process is not None
+        slot.process.join(timeout=5)
+        if slot.process.exitcode is None:  # its pipe broke but it lives on: not to be trusted
+            slot.process.kill()
+            slot.process.join(timeout=5)
+        code = slot.process.exitcode
+        slot.alive = False
+        if self._closing:
+            job.future.set_exception(WorkerUnavailableError(
+                f"worker {slot.index} stopped: the pool is shutting down; retry"))
+            return
+        log.warning("worker %d (pid %s) died with exit code %s during a job; replacing it",
+                    slot.index, slot.pid, code)
+        job.future.set_exception(WorkerUnavailableError(
+            f"worker {slot.index} died (exit code {code}) while working on this batch; retry"))
+        # the feeder loop sees the dead process and replaces it before taking the next job
+
+    # -- processes -----------------------------------------------------------------------------
+    def _spawn(self, slot: _Slot) -> None:
+        config = WorkerConfig(
+            index=slot.index, in_slot=slot.in_shm.name, out_slot=slot.out_shm.name,
+            slot_bytes=self.max_batch_bytes, max_image_side=self.max_image_side,
+            datasets={name: ds.handle() for name, ds in self._datasets.items()},
+            env={"NO_ALBUMENTATIONS_UPDATE": "1",  # forkserver children inherit its env, not ours: pass it on
+                 **{k: v for k, v in os.environ.items() if k == SLEEP_HOOK_ENV}})
+        with self._cond:
+            if self._closing:
+                raise _Closing
+            proc, conn = launch_worker(self._ctx, config)
+            slot.process, slot.conn, slot.pid = proc, conn, proc.pid
+        wait_ready(proc, conn, config.index, self._start_timeout_s)
+        slot.alive = True
+
+    def _replace(self, slot: _Slot) -> None:
+        had_process = slot.process is not None
+        self._reap(slot)
+        if had_process:
+            with self._cond:
+                if self._closing:
+                    raise _Closing
+                self._counts["restarts"] += 1
+            log.warning("worker %d is gone; starting a replacement", slot.index)
+        self._spawn(slot)
+
+    def _reap(self, slot: _Slot) -> None:
+        slot.alive = False
+        proc, conn = slot.process, slot.conn
+        slot.process = slot.conn = None
+        if conn is not None:
+            conn.close()
+        if proc is None or proc.pid is None:
+            return
+        proc.join(timeout=5)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(timeout=5)
+        try:
+            proc.close()
+        except ValueError:
+            pass
+
+
+def _spec_bytes(spec: Any) -> bytes:
+    """Wire bytes of a spec; a Spec (or anything load_spec takes) is accepted for convenience."""
+    if isinstance(spec, (bytes, bytearray)):
+        return bytes(spec)
+    from .spec import load_spec
+
+    return load_spec(spec).to_bytes()

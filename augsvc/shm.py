@@ -1,0 +1,90 @@
+"""POSIX shared-memory segments: created (and unlinked) by one process, attached by others.
+
+Names are ``augsvc_<creator pid>_<random>_<tag>``, so an operator (or a test) can tell whose a
+leftover in /dev/shm is. The creator registers each segment with multiprocessing's resource
+tracker, which unlinks it if the creator dies without `release_segment(..., unlink=True)`.
+Readers attach without registering (see `attach_segment`) and never unlink.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import threading
+import warnings
+from collections.abc import Sized
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+from .errors import LimitExceededError
+
+__all__ = ["SEGMENT_PREFIX", "attach_segment", "create_segment", "release_segment"]
+
+#: Every segment augsvc creates is named ``augsvc_<creator pid>_<random>_<tag>``.
+SEGMENT_PREFIX = "augsvc_"
+
+
+def create_segment(size: int, tag: str, *, reserve: bool) -> SharedMemory:
+    """A new segment named after this process, registered with the resource tracker so that it
+    is unlinked even if the creator dies. ``reserve``: fail now (instead of SIGBUS on a later
+    write) when /dev/shm cannot hold it; otherwise only warn, since slots are rarely full."""
+    size = max(int(size), 1)
+    try:
+        st = os.statvfs("/dev/shm")
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if free is not None and size > free:
+        msg = (f"shared memory: {size} bytes needed for {tag!r} but /dev/shm has {free} free; "
+               "give the container more (docker --shm-size, a k8s emptyDir with medium Memory)")
+        if reserve:
+            raise LimitExceededError(msg)
+        warnings.warn(msg, ResourceWarning, stacklevel=2)
+    while True:
+        name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
+        try:
+            return SharedMemory(name=name, create=True, size=size)
+        except FileExistsError:
+            continue
+
+
+_register_lock = threading.Lock()
+
+
+def attach_segment(name: str) -> SharedMemory:
+    """Attach to an existing segment without registering it with the resource tracker.
+
+    Python < 3.13 registers every attachment. Forkserver children share the creator's tracker,
+    which keeps a *set* of names: unregistering after attach would erase the creator's entry
+    (and its later unlink then makes the tracker print a KeyError). So the registration of this
+    one name is skipped instead; 3.13+ has ``track=False`` for exactly this.
+    """
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
+    target = "/" + name.lstrip("/")
+    with _register_lock:
+        original = resource_tracker.register
+
+        def register(name: Sized, rtype: str) -> None:
+            if not (rtype == "shared_memory" and name == target):
+                original(name, rtype)
+
+        resource_tracker.register = register
+        try:
+            return SharedMemory(name=name)
+        finally:
+            resource_tracker.register = original
+
+
+def release_segment(shm: SharedMemory, unlink: bool) -> None:
+    """Close this process's mapping and, for the creator, unlink the name; safe to repeat."""
+    try:
+        shm.close()
+    except BufferError:  # a view is still alive somewhere; the mapping goes with the process
+        pass
+    if unlink:
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
