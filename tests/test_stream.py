@@ -1,0 +1,188 @@
+"""AugmentedStream and AugmentClient against real servers (DESIGN contracts 1-2): every sample
+exactly once per epoch, bit-identical batches with 1 or 2 servers and when a server is killed
+mid-epoch, resume from a state_dict, ranks, and data the client owns."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from augsvc import augment_batch, epoch_batches, load_spec
+from augsvc.datasets import attach, load_dataset
+from augsvc.server import ServerSettings, create_server
+from trainer_client import AugmentClient, AugmentedStream, StreamError
+from trainer_client.embedded import EmbeddedServer
+
+SPEC = load_spec({"transforms": [{"rotate": {"limit_range": [-12, 12]}}, {"scale": {"scale_range": [0.9, 1.1]}},
+                                 {"color": {"brightness": 0.2, "contrast": 0.2, "p": 0.8}}],
+                  "border": "constant"})
+BATCH = 64
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def digits() -> Iterator[np.ndarray]:
+    ds = load_dataset("digits", "builtin:digits")
+    reader = attach(ds.handle())
+    images = np.array(reader.gather(np.arange(ds.num_samples)))
+    reader.close()
+    ds.close()
+    yield images
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[str]]:
+    started = []
+    for _ in range(2):
+        server, port = create_server("127.0.0.1:0", ServerSettings(workers=1, datasets={"digits": "builtin:digits"}))
+        started.append((server.start(), port))
+    yield [f"127.0.0.1:{port}" for _, port in started]
+    for server, _ in started:
+        server.stop(0)
+
+
+def collect(stream: AugmentedStream) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone(), ids.clone()) for x, y, ids in stream]
+
+
+def expected_epoch(digits: np.ndarray, epoch: int, population: np.ndarray | int = 1797) -> list[np.ndarray]:
+    """The epoch as augment_batch computes it in-process: NCHW uint8 per batch."""
+    return [augment_batch(digits[ids], SPEC, seed=SEED, epoch=epoch, sample_ids=ids).transpose(0, 3, 1, 2)
+            for ids in epoch_batches(population, BATCH, seed=SEED, epoch=epoch)]
+
+
+def assert_epoch(batches: list, digits: np.ndarray, epoch: int, population: np.ndarray | int = 1797) -> None:
+    want = expected_epoch(digits, epoch, population)
+    assert len(batches) == len(want)
+    for (x, _, ids), (plan_ids, w) in zip(batches, zip(epoch_batches(population, BATCH, seed=SEED, epoch=epoch),
+                                                       want, strict=True), strict=True):
+        assert torch.equal(ids, torch.as_tensor(plan_ids))
+        assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), w)
+    all_ids = torch.cat([b[2] for b in batches]).sort().values.numpy()
+    pop = np.arange(population) if isinstance(population, int) else np.sort(population)
+    assert np.array_equal(all_ids, pop), "every sample exactly once"
+
+
+def test_one_and_two_servers_give_the_same_epoch(servers: list[str], digits: np.ndarray) -> None:
+    with AugmentClient(servers[0]) as one, AugmentClient(servers) as two:
+        a = collect(AugmentedStream(one, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=3))
+        b = collect(AugmentedStream(two, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=3))
+    assert_epoch(a, digits, 3)
+    assert_epoch(b, digits, 3)
+    labels = torch.cat([y for _, y, _ in b])
+    ids = torch.cat([i for _, _, i in b])
+    from sklearn.datasets import load_digits
+
+    assert torch.equal(labels, torch.as_tensor(load_digits().target[ids.numpy()], dtype=torch.int64))
+
+
+def test_server_killed_mid_epoch_changes_nothing(servers: list[str], digits: np.ndarray) -> None:
+    with EmbeddedServer(workers=1, unix=False) as doomed, AugmentClient([doomed.target, servers[0]]) as client:
+        stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=5, prefetch=4)
+        got = []
+        for i, batch in enumerate(stream):
+            got.append(tuple(t.clone() for t in batch))
+            if i == 3:
+                os.kill(doomed.pid, signal.SIGKILL)
+        assert doomed.process.wait(timeout=10) == -signal.SIGKILL
+    assert_epoch(got, digits, 5)
+
+
+def test_resume_from_state_dict(servers: list[str], digits: np.ndarray) -> None:
+    with AugmentClient(servers) as client:
+        full = collect(AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=2))
+        first = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=2)
+        it = iter(first)
+        for _ in range(5):
+            next(it)
+        state = first.state_dict()
+        it.close()
+        assert state["position"] == 5 and state["epoch"] == 2
+        resumed = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
+        resumed.load_state_dict(state)
+        rest = collect(resumed)
+    assert len(rest) == len(full) - 5
+    for (x, _, ids), (fx, _, fids) in zip(rest, full[5:], strict=True):
+        assert torch.equal(x, fx) and torch.equal(ids, fids)
+
+
+def test_state_dict_rejects_another_stream(servers: list[str]) -> None:
+    with AugmentClient(servers[0]) as client:
+        a = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
+        b = AugmentedStream(client, "digits", SPEC, batch_size=32, seed=SEED)
+        with pytest.raises(ValueError, match="batch_size"):
+            b.load_state_dict(a.state_dict())
+
+
+def test_two_ranks_cover_the_epoch_exactly_once(servers: list[str], digits: np.ndarray) -> None:
+    with AugmentClient(servers) as client:
+        full = collect(AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=1))
+        ranks = [collect(AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=1,
+                                         rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) + len(ranks[1]) == len(full)
+    for r in range(2):
+        for j, (x, _, ids) in enumerate(ranks[r]):
+            fx, _, fids = full[r + 2 * j]
+            assert torch.equal(x, fx) and torch.equal(ids, fids)
+    ids = torch.cat([b[2] for rank in ranks for b in rank]).sort().values
+    assert torch.equal(ids, torch.arange(1797))
+
+
+def test_subset_population_and_epochs_differ(servers: list[str], digits: np.ndarray) -> None:
+    subset = np.random.default_rng(0).choice(1797, 300, replace=False)
+    with AugmentClient(servers) as client:
+        stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, sample_ids=subset)
+        e0 = collect(stream)
+        stream.set_epoch(1)
+        e1 = collect(stream)
+    assert_epoch(e0, digits, 0, subset)
+    assert_epoch(e1, digits, 1, subset)
+    assert not torch.equal(e0[0][2], e1[0][2]), "a new epoch is a new permutation"
+
+
+def test_client_owned_arrays_through_augment_stream(servers: list[str], digits: np.ndarray) -> None:
+    images = digits[:500]
+    labels = np.arange(500) % 10
+    with AugmentClient(servers) as client:
+        got = collect(AugmentedStream.from_arrays(client, images, labels, SPEC, batch_size=BATCH, seed=SEED,
+                                                  epoch=4))
+    plan = epoch_batches(500, BATCH, seed=SEED, epoch=4)
+    assert len(got) == len(plan)
+    for (x, y, ids), plan_ids in zip(got, plan, strict=True):
+        want = augment_batch(images[plan_ids], SPEC, seed=SEED, epoch=4, sample_ids=plan_ids)
+        assert np.array_equal(x.numpy(), want.transpose(0, 3, 1, 2))
+        assert torch.equal(y, torch.as_tensor(labels[plan_ids]))
+    assert torch.equal(torch.cat([b[2] for b in got]).sort().values, torch.arange(500))
+
+
+def test_client_augment_matches_engine_and_metadata(servers: list[str], digits: np.ndarray) -> None:
+    ids = np.arange(40, 72)
+    with AugmentClient(servers) as client:
+        out = client.augment(digits[ids], SPEC, seed=1, epoch=2, sample_ids=ids)
+        info = client.server_info()
+        datasets = client.list_datasets()
+    assert np.array_equal(out, augment_batch(digits[ids], SPEC, seed=1, epoch=2, sample_ids=ids))
+    assert info["workers"] == 1 and "fused" in info["backends"]
+    assert datasets[0]["name"] == "digits" and int(datasets[0]["num_samples"]) == 1797
+
+
+def test_non_retryable_errors_surface(servers: list[str]) -> None:
+    with AugmentClient(servers[0]) as client:
+        with pytest.raises(LookupError):
+            AugmentedStream(client, "nope", SPEC, batch_size=BATCH, seed=0)
+        bad = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0, sample_ids=[0, 1, 5000])
+        with pytest.raises(StreamError, match="INVALID_ARGUMENT"):
+            collect(bad)
+
+
+def test_all_endpoints_down_fails_instead_of_hanging() -> None:
+    with AugmentClient("127.0.0.1:1", timeout=2) as client:
+        stream = AugmentedStream.from_arrays(client, np.zeros((8, 4, 4, 1), np.uint8), np.zeros(8), SPEC,
+                                             batch_size=4, seed=0, max_attempts=2)
+        with pytest.raises(StreamError, match="UNAVAILABLE"):
+            collect(stream)
