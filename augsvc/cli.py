@@ -129,7 +129,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     import importlib
 
-    module = importlib.import_module(f"augsvc.bench.{args.which}")
+    # e2e compares against a torch DataLoader, so it lives on the trainer side (augsvc stays torch-free).
+    name = "trainer_client.bench_e2e" if args.which == "e2e" else f"augsvc.bench.{args.which}"
+    module = importlib.import_module(name)
     return int(module.main(rest))
 
 

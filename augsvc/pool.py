@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -85,6 +85,9 @@ class _Job:
     payload: np.ndarray | Sequence[bytes] | None
     future: Future[Any]
     labels: np.ndarray | None = None
+    # Called in the feeder thread with (view of the output slot, labels) while the slot is held;
+    # its return value becomes the future's result (lets the server serialize straight from shm).
+    finish: Callable[[np.ndarray, np.ndarray | None], Any] | None = None
 
 
 @dataclass
@@ -220,8 +223,10 @@ class WorkerPool:
 
     # -- submitting ----------------------------------------------------------------------------
     def submit_augment(self, images: np.ndarray | Sequence[bytes], spec_bytes: bytes, *, seed: int,
-                       epoch: int, sample_ids: Any, backend: str = "fused") -> Future[np.ndarray]:
-        """Augment an (N, H, W, C) uint8 array, or N encoded PNG/JPEG images (decoded in the worker)."""
+                       epoch: int, sample_ids: Any, backend: str = "fused",
+                       finish: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> Future[Any]:
+        """Augment an (N, H, W, C) uint8 array, or N encoded PNG/JPEG images (decoded in the worker).
+        With `finish`, the result is finish(view of the output, None) instead of a copy."""
         ids = np.asarray(sample_ids)
         meta: dict[str, Any] = {"spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
                                 "sample_ids": ids, "backend": backend}
@@ -244,12 +249,13 @@ class WorkerPool:
             images, count = blobs, len(blobs)
         if ids.ndim != 1 or len(ids) != count:
             raise InvalidInputError(f"sample_ids: {ids.size} ids for {count} images; expected one per image")
-        return self._submit(_Job("augment", meta, images, Future()))
+        return self._submit(_Job("augment", meta, images, Future(), finish=finish))
 
     def submit_batch(self, dataset: str, sample_ids: Any, spec_bytes: bytes, *, seed: int, epoch: int,
-                     backend: str = "fused") -> Future[tuple[np.ndarray, np.ndarray]]:
+                     backend: str = "fused",
+                     finish: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> Future[Any]:
         """Augment samples of a served dataset; the worker reads them from shared memory.
-        The Future's result is (images, labels)."""
+        The Future's result is (images, labels), or finish(view of the output, labels)."""
         ds = self._datasets.get(dataset)
         if ds is None:
             served = ", ".join(sorted(self._datasets)) or "none"
@@ -259,7 +265,7 @@ class WorkerPool:
             self._check_bytes(len(ids) * math.prod(ds.image_shape), "sample_ids")
         meta = {"dataset": dataset, "spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
                 "sample_ids": ids, "backend": backend, "channels": ds.channels}
-        return self._submit(_Job("batch", meta, None, Future(), labels=ds.labels[ids]))
+        return self._submit(_Job("batch", meta, None, Future(), labels=ds.labels[ids], finish=finish))
 
     def _check_bytes(self, nbytes: int, what: str) -> None:
         if nbytes > self.max_batch_bytes:
@@ -346,7 +352,16 @@ class WorkerPool:
         if reply is None:
             self._worker_died(slot, job)
         elif reply[0] == "ok":
-            images = np.ndarray(reply[1], np.uint8, buffer=slot.out_shm.buf).copy()
+            view = np.ndarray(reply[1], np.uint8, buffer=slot.out_shm.buf)
+            if job.finish is not None:
+                try:
+                    result = job.finish(view, job.labels)
+                except Exception as exc:  # noqa: BLE001 - the caller's hook; reported to the caller
+                    job.future.set_exception(exc)
+                    return
+                job.future.set_result(result)
+                return
+            images = view.copy()
             job.future.set_result(images if job.labels is None else (images, job.labels))
         else:
             job.future.set_exception(remote_error(reply[1], reply[2]))

@@ -43,7 +43,9 @@ def as_sample_ids(sample_ids: object, count: int | None = None) -> np.ndarray:
     """Sample ids as a 1-D uint64 array (negative ids wrap, as on the uint64 wire field)."""
     ids = np.asarray(sample_ids)
     if ids.ndim != 1:
-        ids = ids.reshape(-1)
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(f"sample_ids: expected a 1-D sequence of integers, got shape {ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         from .errors import InvalidInputError
 

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -40,9 +41,10 @@ from .plan import epoch_batches
 from .pool import WorkerPool, default_workers
 from .security import TokenInterceptor, is_local_address, server_credentials
 from .spec import Spec
-from .tensors import decode_tensor, encode_tensor
+from .tensors import decode_tensor
 from .v1 import augment_pb2 as pb
 from .v1 import augment_pb2_grpc as pb_grpc
+from .wire import augment_response_bytes, batch_bytes, serialize
 
 log = logging.getLogger("augsvc.server")
 
@@ -86,6 +88,38 @@ def _wait(fut: futures.Future[T], context: grpc.ServicerContext) -> T:
             if not context.is_active():
                 fut.cancel()
                 raise CancelledError("the call was cancelled or its deadline passed") from None
+
+
+def _batch_reply(epoch: int, index: int, ids: np.ndarray, images: np.ndarray, labels: np.ndarray | None
+                 ) -> tuple[int, bytes]:
+    """Runs in the pool's feeder thread on the worker's output slot: one copy of the pixels."""
+    return len(images), batch_bytes(epoch=epoch, batch_index=index, images=images,
+                                    labels=[] if labels is None else labels.tolist(), sample_ids=ids.tolist())
+
+
+def _augment_reply(ids: Any, tag: int, images: np.ndarray, _labels: np.ndarray | None) -> tuple[int, bytes]:
+    return len(images), augment_response_bytes(images=images, sample_ids=ids, tag=tag)
+
+
+def add_augmenter_servicer(servicer: AugmenterServicer, server: grpc.Server) -> None:
+    """Like the generated add_AugmenterServicer_to_server, but replies may be pre-serialized bytes."""
+    methods = {
+        "Augment": grpc.unary_unary_rpc_method_handler(
+            servicer.Augment, request_deserializer=pb.AugmentRequest.FromString, response_serializer=serialize),
+        "AugmentStream": grpc.stream_stream_rpc_method_handler(
+            servicer.AugmentStream, request_deserializer=pb.AugmentRequest.FromString,
+            response_serializer=serialize),
+        "StreamBatches": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamBatches, request_deserializer=pb.StreamBatchesRequest.FromString,
+            response_serializer=serialize),
+        "ListDatasets": grpc.unary_unary_rpc_method_handler(
+            servicer.ListDatasets, request_deserializer=pb.ListDatasetsRequest.FromString,
+            response_serializer=serialize),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo, request_deserializer=pb.ServerInfoRequest.FromString,
+            response_serializer=serialize),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
 
 
 def _backend(name: str) -> str:
@@ -143,7 +177,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
 
     # -- Augment / AugmentStream -----------------------------------------------------------------
-    def _submit_augment(self, request: pb.AugmentRequest) -> futures.Future[np.ndarray]:
+    def _submit_augment(self, request: pb.AugmentRequest) -> futures.Future[tuple[int, bytes]]:
         spec = _spec(request.spec)
         backend = _backend(request.backend)
         images: Any
@@ -155,15 +189,15 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
             images = decode_tensor(request.images, max_side=self._settings.max_image_side,
                                    max_bytes=self._settings.max_batch_bytes)
         return self._pool.submit_augment(images, spec.to_bytes(), seed=request.seed, epoch=request.epoch,
-                                         sample_ids=np.array(request.sample_ids, np.uint64), backend=backend)
+                                         sample_ids=np.array(request.sample_ids, np.uint64), backend=backend,
+                                         finish=partial(_augment_reply, request.sample_ids, request.tag))
 
     def Augment(self, request: pb.AugmentRequest, context: grpc.ServicerContext) -> pb.AugmentResponse:
         def body() -> pb.AugmentResponse:
             started = time.perf_counter()
-            out = _wait(self._submit_augment(request), context)
-            self._observe("Augment", len(out), started)
-            return pb.AugmentResponse(images=encode_tensor(out), sample_ids=request.sample_ids,
-                                      tag=request.tag)
+            count, reply = _wait(self._submit_augment(request), context)
+            self._observe("Augment", count, started)
+            return reply  # type: ignore[return-value]  # pre-serialized AugmentResponse
 
         return self._guard("Augment", context, body)
 
@@ -175,7 +209,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
                         ) -> Iterator[pb.AugmentResponse]:
         # A reader thread submits requests as they arrive (bounded by the window), so a client
         # that waits for each reply before sending the next is never deadlocked.
-        pending: deque[tuple[pb.AugmentRequest, futures.Future[np.ndarray] | BaseException]] = deque()
+        pending: deque[tuple[pb.AugmentRequest, futures.Future[tuple[int, bytes]] | BaseException]] = deque()
         cond = threading.Condition()
         finished = [False]
 
@@ -186,7 +220,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
                         while len(pending) >= self._window and context.is_active():
                             cond.wait(0.2)
                     try:
-                        item: futures.Future[np.ndarray] | BaseException = self._submit_augment(req)
+                        item: futures.Future[tuple[int, bytes]] | BaseException = self._submit_augment(req)
                     except Exception as exc:  # noqa: BLE001 - reported in order, below
                         item = exc
                     with cond:
@@ -215,9 +249,9 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
             if isinstance(item, BaseException):
                 raise item
             started = time.perf_counter()
-            out = _wait(item, context)
-            self._observe("AugmentStream", len(out), started)
-            yield pb.AugmentResponse(images=encode_tensor(out), sample_ids=req.sample_ids, tag=req.tag)
+            count, reply = _wait(item, context)
+            self._observe("AugmentStream", count, started)
+            yield reply  # type: ignore[misc]  # pre-serialized AugmentResponse
 
     # -- StreamBatches ---------------------------------------------------------------------------
     def StreamBatches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
@@ -249,7 +283,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
                                     f"batches [0, {len(plan)})")
         indices = range(request.start, end, request.stride or 1)
         spec_bytes = spec.to_bytes()
-        window: deque[tuple[int, futures.Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+        window: deque[tuple[int, futures.Future[tuple[int, bytes]]]] = deque()
         it = iter(indices)
         try:
             while True:
@@ -257,16 +291,16 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
                     k = next(it, None)
                     if k is None:
                         break
-                    window.append((k, self._pool.submit_batch(ds.name, plan[k], spec_bytes, seed=request.seed,
-                                                              epoch=request.epoch, backend=backend)))
+                    window.append((k, self._pool.submit_batch(
+                        ds.name, plan[k], spec_bytes, seed=request.seed, epoch=request.epoch, backend=backend,
+                        finish=partial(_batch_reply, request.epoch, k, plan[k]))))
                 if not window:
                     return
                 k, fut = window.popleft()
                 started = time.perf_counter()
-                images, labels = _wait(fut, context)
-                self._observe("StreamBatches", len(images), started)
-                yield pb.Batch(epoch=request.epoch, batch_index=k, images=encode_tensor(images),
-                               labels=labels.tolist(), sample_ids=plan[k].tolist())
+                count, reply = _wait(fut, context)
+                self._observe("StreamBatches", count, started)
+                yield reply  # type: ignore[misc]  # pre-serialized Batch (augsvc.wire)
         finally:
             for _, fut in window:
                 fut.cancel()
@@ -383,7 +417,7 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
                                                         thread_name_prefix="augsvc-rpc"),
                              interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-        pb_grpc.add_AugmenterServicer_to_server(AugmenterServicer(pool, datasets, settings, metrics), server)
+        add_augmenter_servicer(AugmenterServicer(pool, datasets, settings, metrics), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

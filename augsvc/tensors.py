@@ -18,9 +18,9 @@ def encode_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(data=array.tobytes(), shape=list(array.shape), dtype=str(array.dtype))
 
 
-def decode_tensor(msg: pb.Tensor, *, field: str = "images", max_side: int | None = None,
-                  max_bytes: int | None = None) -> np.ndarray:
-    """A read-only (N,H,W,C) uint8 view of the message's bytes, after every check."""
+def check_tensor_shape(msg: pb.Tensor, nbytes: int, *, field: str = "images", max_side: int | None = None,
+                       max_bytes: int | None = None) -> tuple[int, int, int, int]:
+    """The (N,H,W,C) a Tensor claims, checked against its `nbytes` of data and the limits."""
     if msg.dtype != "uint8":
         raise InvalidInputError(f"{field}.dtype: {msg.dtype!r} is not supported; expected 'uint8'")
     shape = tuple(int(s) for s in msg.shape)
@@ -37,7 +37,15 @@ def decode_tensor(msg: pb.Tensor, *, field: str = "images", max_side: int | None
     expected = n * h * w * c
     if max_bytes is not None and expected > max_bytes:
         raise LimitExceededError(f"{field}: {expected} bytes is over the batch limit of {max_bytes} bytes")
-    if len(msg.data) != expected:
-        raise InvalidInputError(f"{field}.data: {len(msg.data)} bytes do not match shape {list(shape)} "
+    if nbytes != expected:
+        raise InvalidInputError(f"{field}.data: {nbytes} bytes do not match shape {list(shape)} "
                                 f"({expected} bytes expected)")
-    return np.frombuffer(msg.data, dtype=np.uint8).reshape(shape)
+    return n, h, w, c
+
+
+def decode_tensor(msg: pb.Tensor, *, field: str = "images", max_side: int | None = None,
+                  max_bytes: int | None = None) -> np.ndarray:
+    """A read-only (N,H,W,C) uint8 view of the message's bytes, after every check."""
+    data = msg.data
+    shape = check_tensor_shape(msg, len(data), field=field, max_side=max_side, max_bytes=max_bytes)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)

@@ -153,7 +153,7 @@ def test_client_owned_arrays_through_augment_stream(servers: list[str], digits: 
                                                   epoch=4))
     plan = epoch_batches(500, BATCH, seed=SEED, epoch=4)
     assert len(got) == len(plan)
-    for (x, y, ids), plan_ids in zip(got, plan, strict=True):
+    for (x, y, _ids), plan_ids in zip(got, plan, strict=True):
         want = augment_batch(images[plan_ids], SPEC, seed=SEED, epoch=4, sample_ids=plan_ids)
         assert np.array_equal(x.numpy(), want.transpose(0, 3, 1, 2))
         assert torch.equal(y, torch.as_tensor(labels[plan_ids]))

@@ -20,14 +20,19 @@ import numpy as np
 from google.protobuf import json_format
 
 from augsvc.spec import load_spec
-from augsvc.tensors import decode_tensor, encode_tensor
+from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
+from augsvc.wire import parse_reply
 
 #: Status codes worth retrying on another endpoint: the server or a worker went away, or is full.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+def _parse_response(data: bytes) -> tuple[pb.AugmentResponse, np.ndarray]:
+    return parse_reply(data, pb.AugmentResponse)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,18 @@ class AugmentClient:
             else:
                 self._channels.append(grpc.insecure_channel(target, options=opts))
         self._stubs = [pb_grpc.AugmenterStub(ch) for ch in self._channels]
+        # The pixel-carrying replies are parsed without copying the pixels (augsvc.wire).
+        service = "/augsvc.v1.Augmenter/"
+        self._augment = [ch.unary_unary(service + "Augment",
+                                        request_serializer=pb.AugmentRequest.SerializeToString,
+                                        response_deserializer=_parse_response) for ch in self._channels]
+        self._augment_stream = [ch.stream_stream(service + "AugmentStream",
+                                                 request_serializer=pb.AugmentRequest.SerializeToString,
+                                                 response_deserializer=_parse_response)
+                                for ch in self._channels]
+        self._stream_batches = [ch.unary_stream(service + "StreamBatches",
+                                                request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                                                response_deserializer=parse_reply) for ch in self._channels]
         self._next = itertools.count()
         self._lock = threading.Lock()
 
@@ -110,9 +127,10 @@ class AugmentClient:
         start = self._pick()
         last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):
-            stub = self._stubs[(start + attempt) % len(self._stubs)]
+            index = (start + attempt) % len(self._stubs)
+            call = self._augment[index] if method == "Augment" else getattr(self._stubs[index], method)
             try:
-                return getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                return call(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
                         and attempt == self.retries:
@@ -128,19 +146,21 @@ class AugmentClient:
         request = pb.AugmentRequest(spec=load_spec(spec).to_proto(), images=encode_tensor(images),
                                     seed=seed, epoch=epoch, sample_ids=np.asarray(sample_ids).tolist(),
                                     backend=backend)
-        reply = self._call("Augment", request, timeout)
-        return np.array(decode_tensor(reply.images))
+        _reply, images = self._call("Augment", request, timeout)
+        return np.array(images)
 
     def stream_batches(self, endpoint: int, request: pb.StreamBatchesRequest, timeout: float | None = None
                        ) -> Any:
-        """A StreamBatches call on one endpoint (a cancellable iterator of Batch messages)."""
-        return self.stub(endpoint).StreamBatches(request, timeout=timeout or self.timeout,
-                                                 metadata=self._metadata)
+        """A StreamBatches call on one endpoint: a cancellable iterator of (Batch without its images,
+        images as a read-only (N,H,W,C) uint8 view)."""
+        return self._stream_batches[endpoint % len(self._stubs)](request, timeout=timeout or self.timeout,
+                                                                  metadata=self._metadata)
 
     def augment_stream(self, endpoint: int, requests: Iterator[pb.AugmentRequest],
                        timeout: float | None = None) -> Any:
-        return self.stub(endpoint).AugmentStream(requests, timeout=timeout or self.timeout,
-                                                 metadata=self._metadata)
+        """An AugmentStream call: an iterator of (AugmentResponse without images, images view)."""
+        return self._augment_stream[endpoint % len(self._stubs)](requests, timeout=timeout or self.timeout,
+                                                                  metadata=self._metadata)
 
     def list_datasets(self) -> list[dict[str, Any]]:
         reply = self._call("ListDatasets", pb.ListDatasetsRequest(), None)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ from torch.utils.data import IterableDataset
 
 from augsvc.plan import epoch_batches
 from augsvc.spec import load_spec
-from augsvc.tensors import decode_tensor, encode_tensor
+from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 
 from .client import RETRYABLE, AugmentClient
@@ -144,11 +145,11 @@ class AugmentedStream(IterableDataset[Batch]):
                 stride=self.world_size, backend=self.backend)
             call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
             calls.append(call)
-            for msg in call:
+            for msg, pixels in call:
                 k = int(msg.batch_index)
                 if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
                     raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
-                deliver(k, _to_torch(decode_tensor(msg.images), msg.labels, msg.sample_ids))
+                deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids))
             return
         images, labels = self._arrays
         spec_msg = self.spec.to_proto()
@@ -161,9 +162,9 @@ class AugmentedStream(IterableDataset[Batch]):
 
         call = self.client.augment_stream(endpoint, requests(), timeout=self.timeout)
         calls.append(call)
-        for msg in call:
+        for msg, pixels in call:
             k = int(msg.tag)
-            deliver(k, _to_torch(decode_tensor(msg.images), labels[plan[k]], plan[k]))
+            deliver(k, _to_torch(pixels, labels[plan[k]], plan[k]))
 
 
 class _Fetcher:
@@ -208,7 +209,7 @@ class _Fetcher:
         for t in self.threads:
             t.join(timeout=5)
 
-    def _deliver(self, k: int, batch: Batch, pending: list[int]) -> None:
+    def _deliver(self, k: int, batch: Batch, *, pending: list[int]) -> None:
         with self.cond:
             if k in pending:
                 pending.remove(k)
@@ -236,8 +237,8 @@ class _Fetcher:
                 return
             pending = list(chunk)
             try:
-                self.stream._fetch(endpoint, chunk, self.plan,
-                                   lambda k, b: self._deliver(k, b, pending), self.calls)
+                self.stream._fetch(endpoint, chunk, self.plan, partial(self._deliver, pending=pending),
+                                   self.calls)
                 if pending:  # the stream ended early without an error status
                     raise StreamError(f"batches {pending} missing from a finished stream")
                 backoff = 0.0

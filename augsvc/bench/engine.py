@@ -5,6 +5,7 @@ same run, one process (one core)."""
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from typing import Any
 
 import cv2
@@ -40,8 +41,8 @@ def run(sides: list[int], *, batch: int, seconds: float) -> list[dict[str, Any]]
                 compose(image=img)
             return len(images)
 
-        fused = best_rate(lambda: engine("fused"), seconds=seconds)
-        reference = best_rate(lambda: engine("albumentations"), seconds=seconds)
+        fused = best_rate(partial(engine, "fused"), seconds=seconds)
+        reference = best_rate(partial(engine, "albumentations"), seconds=seconds)
         baseline = best_rate(plain, seconds=seconds)
         rows.append({"side": side, "fused": fused, "albumentations_backend": reference,
                      "albumentations_compose": baseline, "fused_vs_compose": fused / baseline,

@@ -106,12 +106,14 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         raise LimitExceededError(f"spec: output side {max(out_size)} is over the limit of {max_side} pixels")
     work, heights, widths, channels = check_images(images, max_side=max_side)
     ids = as_sample_ids(sample_ids, count=len(work))
+    if len(work) == 0:
+        if isinstance(work, np.ndarray):
+            h, w = out_size or (int(work.shape[1]), int(work.shape[2]))
+            return np.zeros((0, h, w, channels), np.uint8)
+        raise InvalidInputError("images: an empty list has no shape; pass an empty (0, H, W, C) array")
     if not isinstance(work, np.ndarray) and out_size is None:
         raise InvalidInputError("images: differ in size and the spec keeps input sizes; add a resize or "
                                 "random_resized_crop step so that a batch has one shape")
-    if len(work) == 0:
-        h, w = out_size or (int(work.shape[1]), int(work.shape[2]))  # type: ignore[union-attr]
-        return np.zeros((0, h, w, channels), np.uint8)
     steps = draw_params(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
     out = BACKENDS[backend](work, steps, spec)
     if not isinstance(out, np.ndarray):  # pragma: no cover - guarded by the size check above

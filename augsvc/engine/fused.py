@@ -76,6 +76,26 @@ def _color(work: Images, step: StepDraw, owned: bool) -> Images:
     return work
 
 
+_RESAMPLING = {"rotate": "turn", "scale": "turn", "resize": "size", "random_resized_crop": "size"}
+
+
+def _warp_group_end(steps: list[StepDraw], i: int) -> int:
+    """End of the run of geometric steps from i that one warp applies. Flips are exact and join
+    any run; a run resamples once: rotate/scale steps together (as albumentations' Affine), or
+    one sizing step — never a sizing step with another resampling step, whose two interpolations
+    the reference backend keeps apart (fusing them changes pixels by several levels)."""
+    kinds: set[str] = set()
+    j = i
+    while j < len(steps) and steps[j].name in GEOMETRIC:
+        kind = _RESAMPLING.get(steps[j].name)
+        if kind is not None:
+            if "size" in kinds or (kind == "size" and kinds):
+                break
+            kinds.add(kind)
+        j += 1
+    return j
+
+
 def run_fused(work: Images, steps: list[StepDraw], spec: Spec) -> Images:
     """Apply `steps` to `work` ((N,H,W,C) array or list of (H,W,C) arrays)."""
     i = 0
@@ -83,9 +103,7 @@ def run_fused(work: Images, steps: list[StepDraw], spec: Spec) -> Images:
     while i < len(steps):
         step = steps[i]
         if step.name in GEOMETRIC:
-            j = i
-            while j < len(steps) and steps[j].name in GEOMETRIC:
-                j += 1
+            j = _warp_group_end(steps, i)
             work = _warp(work, steps[i:j], spec)
             owned = True
             i = j

@@ -1,0 +1,162 @@
+"""`augsvc bench e2e`: images/s reaching a training loop, side by side in one run, same spec
+(flip + rotate + scale + color jitter), same core budget W, same batch size:
+
+  (a) torch DataLoader(num_workers=W) + albumentations Compose  — what users run otherwise
+  (b) AugmentedStream from a local augsvc with W workers         — this project
+  (c) the engine itself in W local processes, nothing delivered  — the ceiling
+
+Also records the resident memory of the server process and of the client at every epoch of (b),
+so growth across epochs is visible. Lives in trainer_client because (a) and (b) need torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from augsvc.bench.common import albumentations_compose, machine, sample_images
+from augsvc.bench.service import engine_rate
+from augsvc.spec import load_spec
+
+from .client import AugmentClient
+from .embedded import EmbeddedServer
+from .stream import AugmentedStream
+
+BENCH_SPEC_PATH = "bench-spec"
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Resident memory of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _AlbumentationsDataset(Dataset[tuple[torch.Tensor, int]]):
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self.compose: Any = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.compose is None:  # built in the worker process
+            self.compose = albumentations_compose()
+        out = self.compose(image=self.images[i])["image"]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), 0
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(0)
+
+
+def _consume(batches: Any, seconds: float, step: Any) -> float:
+    n, start = 0, time.perf_counter()
+    while True:
+        for batch in batches() if callable(batches) else batches:
+            step(batch[0])
+            n += len(batch[0])
+            if time.perf_counter() - start >= seconds:
+                return n / (time.perf_counter() - start)
+
+
+def _train_step_factory(enabled: bool) -> Any:
+    if not enabled:
+        return lambda images: None
+    from .model import RegularizedCNN
+
+    model = RegularizedCNN(3, 10, width=16, depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(images: torch.Tensor) -> None:
+        loss = model(images).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step: bool) -> dict[str, Any]:
+    from augsvc.bench.common import BENCH_SPEC
+
+    count = max(4 * batch, 1024 if side <= 64 else 256)
+    images = sample_images(count, side)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "bench.npz")
+        np.savez(path, images=images, labels=np.zeros(count, np.int64))
+        # (a) DataLoader + albumentations
+        loader = DataLoader(_AlbumentationsDataset(images), batch_size=batch, shuffle=True, num_workers=workers,
+                            worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=4)
+        step = _train_step_factory(train_step)
+        _consume(loader, min(3.0, seconds / 2), step)  # warm-up: workers started
+        dataloader = _consume(loader, seconds, step)
+        del loader
+        # (b) AugmentedStream from a local augsvc (unix socket, W workers)
+        extra = ["--max-batch-mb", str(max(64, batch * side * side * 3 * 2 >> 20))]
+        with EmbeddedServer(datasets={"bench": path}, workers=workers, extra_args=extra) as server, \
+                AugmentClient(server.target) as client:
+            stream = AugmentedStream(client, "bench", BENCH_SPEC, batch_size=batch, seed=0, prefetch=8)
+            epoch = [0]
+            memory: list[dict[str, float]] = []
+
+            def epochs() -> Any:
+                stream.set_epoch(epoch[0])
+                epoch[0] += 1
+                memory.append({"epoch": epoch[0], "server_mb": rss_mb(server.pid), "client_mb": rss_mb()})
+                return stream
+
+            _consume(epochs, min(2.0, seconds / 2), step)
+            service = _consume(epochs, seconds, step)
+            memory.append({"epoch": epoch[0] + 1, "server_mb": rss_mb(server.pid), "client_mb": rss_mb()})
+        # (c) the engine in W processes
+        ceiling = engine_rate(path, workers, batch, seconds)
+    load_spec(BENCH_SPEC)
+    return {"side": side, "batch": batch, "workers": workers, "train_step": train_step,
+            "dataloader": dataloader, "augsvc": service, "engine": ceiling,
+            "augsvc_vs_dataloader": service / dataloader, "augsvc_vs_engine": service / ceiling,
+            "epochs": epoch[0], "memory": memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="augsvc bench e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--train-step", action="store_true", help="a small CNN step on every batch")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = [run_side(s, workers=args.workers, batch=args.batch, seconds=args.seconds,
+                     train_step=args.train_step) for s in args.sides]
+    print(f"end to end, images/s into the training loop, W={args.workers}, batch {args.batch} ({machine()})")
+    print(f"{'side':>5} {'(a) DataLoader':>15} {'(b) augsvc':>11} {'(c) engine':>11} {'b/a':>6} {'b/c':>6} "
+          f"{'server MB first->last':>22} {'client MB first->last':>22}")
+    for r in rows:
+        m = r["memory"]
+        print(f"{r['side']:>5} {r['dataloader']:>15.0f} {r['augsvc']:>11.0f} {r['engine']:>11.0f} "
+              f"{r['augsvc_vs_dataloader']:>6.2f} {r['augsvc_vs_engine']:>6.2f} "
+              f"{m[0]['server_mb']:>10.0f} -> {m[-1]['server_mb']:<9.0f} "
+              f"{m[0]['client_mb']:>10.0f} -> {m[-1]['client_mb']:<9.0f}")
+    if args.json:
+        from datetime import date
+
+        Path(args.json).write_text(json.dumps({"date": date.today().isoformat(), "machine": machine(),
+                                               "benchmark": "e2e", "rows": rows}, indent=2))
+    return 0
