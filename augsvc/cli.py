@@ -53,6 +53,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"))
     p.add_argument("--grace", type=float, default=float(_env("grace", 10.0)),
                    help="seconds in-flight calls get to finish on SIGTERM")
+    p.add_argument("--max-connection-age", type=float, default=float(_env("max_connection_age", 0)) or None,
+                   help="seconds before a client connection is closed, so round_robin clients re-resolve DNS")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -67,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
         insecure=args.insecure, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-        grace_seconds=args.grace)
+        grace_seconds=args.grace, max_connection_age_seconds=args.max_connection_age)
     host = args.host if ":" not in args.host or args.host.startswith("[") else f"[{args.host}]"
     address = f"unix:{args.unix}" if args.unix else f"{host}:{args.port}"
     server, port = create_server(address, settings)
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--tls-ca", default=_env("tls_ca"))
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-cert", default=_env("health_tls_cert"), help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=_env("health_tls_key"))
     p = sub.add_parser("preview", help="write a grid of augmented variants of one image")
     p.add_argument("--spec", required=True, help="spec file (.yaml/.json) or YAML/JSON text")
     p.add_argument("--image", default=None, help="image file (default: a built-in sample photo)")

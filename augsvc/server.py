@@ -72,6 +72,9 @@ class ServerSettings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     grace_seconds: float = 10.0
+    # Close client connections after this long so round_robin clients re-resolve DNS and see
+    # pods an autoscaler added (None: keep connections).
+    max_connection_age_seconds: float | None = None
 
     @property
     def max_message_bytes(self) -> int:
@@ -413,6 +416,9 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         options = [("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
+        if settings.max_connection_age_seconds:
+            options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000))]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + 8,
                                                         thread_name_prefix="augsvc-rpc"),
                              interceptors=interceptors, options=options,
