@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from .engine import augment_batch  # noqa: E402
 from .errors import (  # noqa: E402
     AugsvcError,
     CancelledError,
@@ -25,6 +24,16 @@ from .plan import epoch_batches  # noqa: E402
 from .spec import Spec, load_spec  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The engine (OpenCV, albumentations) loads on first use, so `augsvc health` and the CLI
+    # start fast and light.
+    if name == "augment_batch":
+        from .engine import augment_batch
+
+        return augment_batch
+    raise AttributeError(f"module 'augsvc' has no attribute {name!r}")
 
 __all__ = [
     "AugsvcError",

@@ -72,23 +72,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace, max_connection_age_seconds=args.max_connection_age)
     host = args.host if ":" not in args.host or args.host.startswith("[") else f"[{args.host}]"
     address = f"unix:{args.unix}" if args.unix else f"{host}:{args.port}"
-    server, port = create_server(address, settings)
-    server.start()
-    where = address if args.unix else f"{host}:{port}"
     log = logging.getLogger("augsvc.serve")
-    log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
-             ", ".join(server.datasets) or "none")
-    # A line on stdout that scripts (and tests) wait for.
-    print(f"augsvc serving on {where} workers={server.pool.worker_count} "
-          f"metrics={server.metrics_port or '-'}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining for up to %.1fs", signum, settings.grace_seconds)
         stop.set()
 
+    # Handlers first: a SIGTERM that arrives just after the ready line still drains.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server, port = create_server(address, settings)
+    server.start()
+    where = address if args.unix else f"{host}:{port}"
+    log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
+             ", ".join(server.datasets) or "none")
+    # A line on stdout that scripts (and tests) wait for.
+    print(f"augsvc serving on {where} workers={server.pool.worker_count} "
+          f"metrics={server.metrics_port or '-'}", flush=True)
     stop.wait()
     server.stop()
     log.info("stopped")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
@@ -20,8 +22,16 @@ class ServerMetrics:
         self.worker_restarts = Gauge("augsvc_worker_restarts", "Worker processes replaced after dying",
                                      registry=self.registry)
         self.workers_alive = Gauge("augsvc_workers_alive", "Worker processes alive", registry=self.registry)
+        self._http: Any = None
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP; returns the bound port (0 picks one)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_port)
+        self._http, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stop serving /metrics (idempotent)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

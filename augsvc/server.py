@@ -104,22 +104,43 @@ def _augment_reply(ids: Any, tag: int, images: np.ndarray, _labels: np.ndarray |
     return len(images), augment_response_bytes(images=images, sample_ids=ids, tag=tag)
 
 
+class MalformedRequest:
+    """Stands for request bytes that do not parse, so the servicer answers INVALID_ARGUMENT
+    (grpc itself would answer INTERNAL when a deserializer raises)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> InvalidInputError:
+        return InvalidInputError(f"request: the bytes are not a valid augsvc.v1.{self.type_name} message")
+
+
+def _parser(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception:  # noqa: BLE001 - DecodeError and friends
+            return MalformedRequest(message_type.__name__)
+
+    return parse
+
+
 def add_augmenter_servicer(servicer: AugmenterServicer, server: grpc.Server) -> None:
     """Like the generated add_AugmenterServicer_to_server, but replies may be pre-serialized bytes."""
     methods = {
         "Augment": grpc.unary_unary_rpc_method_handler(
-            servicer.Augment, request_deserializer=pb.AugmentRequest.FromString, response_serializer=serialize),
+            servicer.Augment, request_deserializer=_parser(pb.AugmentRequest), response_serializer=serialize),
         "AugmentStream": grpc.stream_stream_rpc_method_handler(
-            servicer.AugmentStream, request_deserializer=pb.AugmentRequest.FromString,
+            servicer.AugmentStream, request_deserializer=_parser(pb.AugmentRequest),
             response_serializer=serialize),
         "StreamBatches": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamBatches, request_deserializer=pb.StreamBatchesRequest.FromString,
+            servicer.StreamBatches, request_deserializer=_parser(pb.StreamBatchesRequest),
             response_serializer=serialize),
         "ListDatasets": grpc.unary_unary_rpc_method_handler(
-            servicer.ListDatasets, request_deserializer=pb.ListDatasetsRequest.FromString,
+            servicer.ListDatasets, request_deserializer=_parser(pb.ListDatasetsRequest),
             response_serializer=serialize),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo, request_deserializer=pb.ServerInfoRequest.FromString,
+            servicer.GetServerInfo, request_deserializer=_parser(pb.ServerInfoRequest),
             response_serializer=serialize),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
@@ -181,6 +202,8 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
 
     # -- Augment / AugmentStream -----------------------------------------------------------------
     def _submit_augment(self, request: pb.AugmentRequest) -> futures.Future[tuple[int, bytes]]:
+        if isinstance(request, MalformedRequest):
+            raise request.error()
         spec = _spec(request.spec)
         backend = _backend(request.backend)
         images: Any
@@ -263,6 +286,8 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
 
     def _stream_batches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
                         ) -> Iterator[pb.Batch]:
+        if isinstance(request, MalformedRequest):
+            raise request.error()
         ds = self._datasets.get(request.dataset)
         if ds is None:
             served = ", ".join(sorted(self._datasets)) or "none"
@@ -374,6 +399,7 @@ class AugmentServer:
         self.health.enter_graceful_shutdown()
         grace = self.settings.grace_seconds if grace is None else grace
         self.grpc_server.stop(grace).wait()
+        self.metrics.close()
         self.pool.close()
         for ds in self.datasets.values():
             ds.close()
@@ -434,6 +460,8 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca))  # type: ignore[arg-type]
         else:
             port = server.add_insecure_port(address)
+        if address.startswith(("unix:", "unix-abstract:")):
+            port = 0  # grpc reports 1 for a bound unix socket
     except BaseException:
         pool.close()
         for ds in datasets.values():

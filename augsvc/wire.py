@@ -38,7 +38,7 @@ def _varint(n: int) -> bytes:
 
 def _with_images(meta: bytes, key: int, images: np.ndarray) -> bytes:
     images = np.ascontiguousarray(images)
-    data = memoryview(images).cast("B")
+    data = memoryview(images.reshape(-1)).cast("B")  # reshape: a 0-size array cannot be cast
     tail = pb.Tensor(shape=list(images.shape), dtype="uint8").SerializeToString()
     head = bytes([_TENSOR_DATA]) + _varint(data.nbytes)
     size = len(head) + data.nbytes + len(tail)

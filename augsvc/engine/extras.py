@@ -7,16 +7,13 @@ from (seed, epoch, sample_id, slot), so results do not depend on the batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A  # noqa: E402
-
-from .params import StepDraw  # noqa: E402
+from .._albumentations import albumentations as A
+from .params import StepDraw
 
 
 def _coarse_dropout(p: Any) -> A.BasicTransform:

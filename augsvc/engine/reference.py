@@ -8,16 +8,13 @@ changes no parameter, only avoids resampling the image twice."""
 
 from __future__ import annotations
 
-import os
-
 import cv2
 import numpy as np
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from albumentations.augmentations.crops import functional as fcrops  # noqa: E402
 from albumentations.augmentations.geometric import functional as fgeometric  # noqa: E402
 from albumentations.augmentations.pixel import functional as fpixel  # noqa: E402
 
+from .. import _albumentations  # noqa: F401,E402 - first: keeps torch out (see that module)
 from ..spec import Spec  # noqa: E402
 from .extras import apply_extra  # noqa: E402
 from .fused import BORDERS, Images, _as_list, _stack_if_uniform  # noqa: E402
