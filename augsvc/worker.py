@@ -130,14 +130,31 @@ class _Worker:
             if nbytes > self.config.slot_bytes:
                 raise self._too_big(nbytes)
         images = self.images(kind, meta)
+        target = self._out_view(images, size)
         out = self.augment_batch(images, spec, seed=meta["seed"], epoch=meta["epoch"],
                                  sample_ids=meta["sample_ids"], backend=meta["backend"],
-                                 max_side=self.config.max_image_side)
+                                 max_side=self.config.max_image_side, out=target)
         del images
-        if out.nbytes > self.config.slot_bytes:
-            raise self._too_big(out.nbytes)
-        np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out
+        if target is None:
+            if out.nbytes > self.config.slot_bytes:
+                raise self._too_big(out.nbytes)
+            np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out
         return tuple(int(s) for s in out.shape)
+
+    def _out_view(self, images: Any, size: tuple[int, int] | None) -> np.ndarray | None:
+        """The output slot as an array of the batch's output shape, when it is known up front: the
+        engine then writes the pixels straight into shared memory."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            h, w = size or images.shape[1:3]
+            shape = (images.shape[0], h, w, images.shape[3])
+        elif size is not None and len(images) and getattr(images[0], "ndim", 0) == 3:
+            shape = (len(images), size[0], size[1], images[0].shape[2])
+        else:
+            return None
+        nbytes = shape[0] * shape[1] * shape[2] * shape[3]
+        if nbytes > self.config.slot_bytes:
+            raise self._too_big(nbytes)
+        return np.ndarray(shape, np.uint8, buffer=self.out_shm.buf)
 
     def _too_big(self, nbytes: int) -> errors.LimitExceededError:
         return errors.LimitExceededError(

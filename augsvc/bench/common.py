@@ -69,6 +69,22 @@ def best_rate(fn: Callable[[], int], *, seconds: float, repeats: int = 3) -> flo
     return best
 
 
+def compare_rates(fns: dict[str, Callable[[], int]], *, seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Best items/s of each function, measured in alternating windows so that a noisy neighbour
+    slows every candidate alike (a ratio of two sequential measurements would not be fair)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, 0.0)
+    window = seconds / rounds
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            done, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < window:
+                done += fn()
+            best[name] = max(best[name], done / elapsed)
+    return best
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 

@@ -9,18 +9,22 @@ from functools import partial
 from typing import Any
 
 import cv2
+import numpy as np
 
 from ..engine import augment_batch
 from ..spec import load_spec
-from .common import BENCH_SPEC, albumentations_compose, best_rate, machine, sample_images, write_json
+from .common import BENCH_SPEC, albumentations_compose, compare_rates, machine, sample_images, write_json
 
 
 def _engine_runner(images: Any, spec: Any, ids: list[int]) -> Any:
     epoch = [0]
+    # As in a worker, the output goes to one reused buffer (the worker's shared-memory slot);
+    # Compose, image by image, gets its small outputs recycled by malloc the same way.
+    out = np.empty_like(images)
 
     def engine(backend: str) -> int:
         epoch[0] += 1  # a new epoch each call: no caching can help
-        augment_batch(images, spec, seed=0, epoch=epoch[0], sample_ids=ids, backend=backend)
+        augment_batch(images, spec, seed=0, epoch=epoch[0], sample_ids=ids, backend=backend, out=out)
         return len(ids)
 
     return engine
@@ -41,9 +45,9 @@ def run(sides: list[int], *, batch: int, seconds: float) -> list[dict[str, Any]]
                 compose(image=img)
             return len(images)
 
-        fused = best_rate(partial(engine, "fused"), seconds=seconds)
-        reference = best_rate(partial(engine, "albumentations"), seconds=seconds)
-        baseline = best_rate(plain, seconds=seconds)
+        rates = compare_rates({"fused": partial(engine, "fused"), "reference": partial(engine, "albumentations"),
+                               "compose": plain}, seconds=seconds)
+        fused, reference, baseline = rates["fused"], rates["reference"], rates["compose"]
         rows.append({"side": side, "fused": fused, "albumentations_backend": reference,
                      "albumentations_compose": baseline, "fused_vs_compose": fused / baseline,
                      "fused_vs_reference": fused / reference})
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="augsvc bench engine", description=__doc__)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=6.0, help="time per measurement")
+    parser.add_argument("--seconds", type=float, default=6.0, help="time per candidate and side")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     rows = run(args.sides, batch=args.batch, seconds=args.seconds)

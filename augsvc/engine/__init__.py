@@ -27,7 +27,7 @@ __all__ = ["augment_batch", "check_images", "draw_params", "BACKENDS", "DEFAULT_
 #: Largest image side accepted by default (input and output); servers may set their own.
 DEFAULT_MAX_SIDE = 4096
 
-BACKENDS: dict[str, Callable[[Images, list[StepDraw], Spec], Images]] = {
+BACKENDS: dict[str, Callable[[Images, list[StepDraw], Spec, np.ndarray | None], Images]] = {
     "fused": run_fused,
     "albumentations": run_reference,
 }
@@ -88,8 +88,12 @@ def _check_counter(value: Any, name: str) -> int:
 
 
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
-                  sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
-    """Augment a batch; returns a new uint8 array (N, H', W', C).
+                  sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
+
+    out: a C-contiguous uint8 array of exactly the output shape to write into (e.g. a worker's
+    shared-memory slot or a reused buffer): saves the allocation, its page faults and a copy.
 
     images: uint8 (N, H, W, C) with C in {1, 3}, or a sequence of (H, W, C) images of varying
     size when the spec ends in a sizing step (resize / random_resized_crop).
@@ -114,10 +118,20 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     if not isinstance(work, np.ndarray) and out_size is None:
         raise InvalidInputError("images: differ in size and the spec keeps input sizes; add a resize or "
                                 "random_resized_crop step so that a batch has one shape")
+    if out is not None:
+        h, w = out_size or (int(heights[0]), int(widths[0]))
+        want = (len(work), h, w, channels)
+        if out.dtype != np.uint8 or out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
+            raise InvalidInputError(f"out: expected a writable C-contiguous uint8 array of shape {want}, got "
+                                    f"{out.dtype} {out.shape}")
     steps = draw_params(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
-    out = BACKENDS[backend](work, steps, spec)
-    if not isinstance(out, np.ndarray):  # pragma: no cover - guarded by the size check above
+    result = BACKENDS[backend](work, steps, spec, out)
+    if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")
-    if out is images:
-        out = out.copy()
-    return out
+    if out is not None:
+        if result is not out:
+            np.copyto(out, result)
+        return out
+    if result is images or (isinstance(images, np.ndarray) and np.shares_memory(result, images)):
+        result = result.copy()
+    return result

@@ -7,7 +7,7 @@ contrast, saturation, hue:
   factor, which is exact up to clipping and rounding (the reference measures it after).
 - saturation is one `cv2.transform` with the 3x3 matrix s*I + (1-s)*gray_weights (rounded once;
   the reference rounds the gray image first, so they may differ by one level).
-- hue is the exact HSV round trip, with the shift applied by a 3-channel lookup table.
+- hue is the exact HSV round trip, with an exact integer shift of the hue plane.
 """
 
 from __future__ import annotations
@@ -17,13 +17,23 @@ import numpy as np
 
 _GRAY = np.array([0.299, 0.587, 0.114])
 _LEVELS = np.arange(256, dtype=np.float64)
-_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
+def _shift_hue(hue: np.ndarray, k: int) -> None:
+    """hue = (hue + k) mod 180 in place on a uint8 view holding 0..179, for 0 <= k < 180.
+    uint8 arithmetic wraps modulo 256, which makes `+ k - 180` exact for the values that wrap.
+    (A 3-channel cv2.LUT on the HSV image costs twice as much as these strided numpy passes.)"""
+    if k == 0:
+        return
+    wraps = hue >= 180 - k
+    hue += np.uint8(k)
+    np.subtract(hue, np.uint8(180), out=hue, where=wraps)
 
 
 def _tables(images: list[np.ndarray], b: np.ndarray, c: np.ndarray, s: np.ndarray, h: np.ndarray,
             flags: dict[str, bool]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """Per-image lookup tables and matrices for M images, built at once: (M,256) brightness and
-    contrast LUTs, (M,3,3) saturation matrices, (M,256,1,3) hue LUTs (None when unused)."""
+    """Per-image tables for M images, built at once: (M,256) brightness and contrast LUTs,
+    (M,3,3) saturation matrices, (M,) hue shifts in OpenCV hue units (None when unused)."""
     m = len(images)
     bc = sat = hue = None
     if flags["use_brightness"] or flags["use_contrast"]:
@@ -41,11 +51,9 @@ def _tables(images: list[np.ndarray], b: np.ndarray, c: np.ndarray, s: np.ndarra
     if flags["use_saturation"]:
         sat = s[:, None, None] * np.eye(3) + (1.0 - s)[:, None, None] * np.outer(np.ones(3), _GRAY)
     if flags["use_hue"]:
-        shifted = np.mod(_LEVELS[None, :] + 180.0 * h[:, None], 180.0).astype(np.uint8)
-        hue = np.empty((m, 256, 1, 3), np.uint8)
-        hue[:, :, 0, 0] = shifted
-        hue[:, :, 0, 1] = _IDENTITY
-        hue[:, :, 0, 2] = _IDENTITY
+        # OpenCV's hue is 0..179; the reference shifts by floor(h + 180 * factor) mod 180, which for
+        # an integer h is h + floor(180 * factor) mod 180.
+        hue = np.mod(np.floor(180.0 * h), 180).astype(np.int64)
     return bc, sat, hue
 
 
@@ -57,6 +65,7 @@ def jitter_inplace(images: list[np.ndarray], brightness: np.ndarray, contrast: n
         return
     bc, sat, hue_luts = _tables(images, brightness, contrast, saturation, hue, flags)
     rgb = images[0].shape[2] == 3
+    hsv: np.ndarray | None = None  # one HSV buffer for the batch
     for k, img in enumerate(images):
         plane = img if rgb else img.reshape(img.shape[:2])
         if bc is not None:
@@ -64,6 +73,8 @@ def jitter_inplace(images: list[np.ndarray], brightness: np.ndarray, contrast: n
         if rgb and sat is not None:
             cv2.transform(plane, sat[k], dst=plane)
         if rgb and hue_luts is not None:
-            hsv = cv2.cvtColor(plane, cv2.COLOR_RGB2HSV)
-            cv2.LUT(hsv, hue_luts[k], dst=hsv)
+            if hsv is None or hsv.shape != plane.shape:
+                hsv = np.empty_like(plane)
+            cv2.cvtColor(plane, cv2.COLOR_RGB2HSV, dst=hsv)
+            _shift_hue(hsv[..., 0], int(hue_luts[k]))
             cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=plane)

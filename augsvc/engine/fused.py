@@ -47,14 +47,17 @@ def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray 
     return res.reshape(oh, ow, channels) if dst is None else dst
 
 
-def _warp(work: Images, group: list[StepDraw], spec: Spec) -> Images:
+def _warp(work: Images, group: list[StepDraw], spec: Spec, into: np.ndarray | None = None) -> Images:
     m = group_matrices(group)
     oh, ow = group[-1].out_size
     border = BORDERS[spec.border]
     n = m.shape[0]
     channels = work[0].shape[-1] if n else 1
     if n and (oh == oh[0]).all() and (ow == ow[0]).all():
-        out = np.empty((n, int(oh[0]), int(ow[0]), channels), np.uint8)
+        shape = (n, int(oh[0]), int(ow[0]), channels)
+        sources = work if isinstance(work, list) else [work]
+        usable = into is not None and into.shape == shape and not any(np.shares_memory(into, w) for w in sources)
+        out = into if usable else np.empty(shape, np.uint8)
         for i in range(n):
             _warp_one(work[i], m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill)
         return out
@@ -96,15 +99,16 @@ def _warp_group_end(steps: list[StepDraw], i: int) -> int:
     return j
 
 
-def run_fused(work: Images, steps: list[StepDraw], spec: Spec) -> Images:
-    """Apply `steps` to `work` ((N,H,W,C) array or list of (H,W,C) arrays)."""
+def run_fused(work: Images, steps: list[StepDraw], spec: Spec, out: np.ndarray | None = None) -> Images:
+    """Apply `steps` to `work` ((N,H,W,C) array or list of (H,W,C) arrays); warps write into
+    `out` when it has their shape (later in-place color steps then work there too)."""
     i = 0
     owned = False  # True once `work` is an array this function allocated
     while i < len(steps):
         step = steps[i]
         if step.name in GEOMETRIC:
             j = _warp_group_end(steps, i)
-            work = _warp(work, steps[i:j], spec)
+            work = _warp(work, steps[i:j], spec, out)
             owned = True
             i = j
             continue

@@ -74,7 +74,7 @@ def _affine_run(images: list[np.ndarray], run: list[StepDraw], spec: Spec) -> li
     return out
 
 
-def run_reference(work: Images, steps: list[StepDraw], spec: Spec) -> Images:
+def run_reference(work: Images, steps: list[StepDraw], spec: Spec, out: np.ndarray | None = None) -> Images:
     images = [np.ascontiguousarray(im) for im in _as_list(work)]
     i = 0
     while i < len(steps):
