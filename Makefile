@@ -22,6 +22,7 @@ demo: install
 test: install
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m ruff check augsvc trainer_client tests scripts
+	$(PY) -m mypy augsvc trainer_client
 	$(PY) -m pytest -q
 
 lint: install

@@ -19,8 +19,8 @@ def load_image(path: str | None) -> np.ndarray:
         from sklearn.datasets import load_sample_image
 
         return np.ascontiguousarray(load_sample_image("china.jpg")[60:380, 150:470])
-    with Image.open(path) as im:
-        im = im.convert("L") if im.mode in ("L", "I;16", "1") else im.convert("RGB")
+    with Image.open(path) as opened:
+        im = opened.convert("L") if opened.mode in ("L", "I;16", "1") else opened.convert("RGB")
         arr = np.asarray(im)
     return arr[..., None] if arr.ndim == 2 else arr
 

@@ -29,7 +29,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
     x = x * np.uint64(_M1)
     x = x ^ (x >> np.uint64(27))
     x = x * np.uint64(_M2)
-    return x ^ (x >> np.uint64(31))
+    out: np.ndarray = x ^ (x >> np.uint64(31))
+    return out
 
 
 def stream_key(seed: int, epoch: int, slot: int) -> int:

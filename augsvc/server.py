@@ -157,7 +157,7 @@ def _spec(msg: pb.Pipeline) -> Spec:
     return Spec.from_proto(msg)
 
 
-class AugmenterServicer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
+class AugmenterServicer(pb_grpc.AugmenterServicer):
     def __init__(self, pool: WorkerPool, datasets: dict[str, Dataset], settings: ServerSettings,
                  metrics: ServerMetrics) -> None:
         self._pool = pool

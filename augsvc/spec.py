@@ -294,11 +294,12 @@ class Spec:
 
     def to_bytes(self) -> bytes:
         """The canonical serialized Pipeline (what workers receive)."""
-        return self._wire
+        return bytes(self._wire)
 
     def to_dict(self) -> dict[str, Any]:
         """The file form: {"transforms": [{name: {params}}], "border": ..., "fill": ...}."""
-        return json_format.MessageToDict(self._message, preserving_proto_field_name=True)
+        data: dict[str, Any] = json_format.MessageToDict(self._message, preserving_proto_field_name=True)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -38,7 +38,7 @@ def _varint(n: int) -> bytes:
 
 def _with_images(meta: bytes, key: int, images: np.ndarray) -> bytes:
     images = np.ascontiguousarray(images)
-    data = memoryview(images.reshape(-1)).cast("B")  # reshape: a 0-size array cannot be cast
+    data = memoryview(images.reshape(-1)).cast("B")  # type: ignore[arg-type]  # 0-size arrays need the reshape
     tail = pb.Tensor(shape=list(images.shape), dtype="uint8").SerializeToString()
     head = bytes([_TENSOR_DATA]) + _varint(data.nbytes)
     size = len(head) + data.nbytes + len(tail)
@@ -57,7 +57,10 @@ def augment_response_bytes(*, images: np.ndarray, sample_ids: Any, tag: int) -> 
 
 def serialize(message: Any) -> bytes:
     """Response serializer: pre-serialized bytes pass through, messages are serialized."""
-    return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
+    if isinstance(message, bytes):
+        return message
+    data: bytes = message.SerializeToString()
+    return data
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -98,7 +101,7 @@ def _fields(buf: memoryview, start: int, end: int) -> Any:
         yield key, value_start, pos, field_start
 
 
-def parse_reply(data: bytes, message_type: type = pb.Batch) -> tuple[Any, np.ndarray]:
+def parse_reply(data: bytes, message_type: Any = pb.Batch) -> tuple[Any, np.ndarray]:
     """(message without its images, images as a read-only (N,H,W,C) view of `data`)."""
     buf = memoryview(data)
     images_key = _IMAGES_KEY[message_type]

@@ -32,7 +32,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 
 
 def _parse_response(data: bytes) -> tuple[pb.AugmentResponse, np.ndarray]:
-    return parse_reply(data, pb.AugmentResponse)  # type: ignore[no-any-return]
+    message, images = parse_reply(data, pb.AugmentResponse)
+    return message, images
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class AugmentClient:
         self.timeout = timeout
         self.retries = retries
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", max_message_bytes),
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    # Bigger HTTP/2 windows: a batch is megabytes (measured in `augsvc bench transport`).
                    ("grpc.http2.lookahead_bytes", 8 << 20)]
@@ -175,8 +176,9 @@ class AugmentClient:
 
     def server_info(self) -> dict[str, Any]:
         reply = self._call("GetServerInfo", pb.ServerInfoRequest(), None)
-        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
+        info: dict[str, Any] = json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                                         always_print_fields_with_no_presence=True)
+        return info
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until every endpoint's channel is connected."""

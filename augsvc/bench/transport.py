@@ -26,7 +26,7 @@ TUNED_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_m
 DEFAULT_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
 
 
-class _Streamer(pb_grpc.AugmenterServicer):  # type: ignore[misc]
+class _Streamer(pb_grpc.AugmenterServicer):
     """StreamBatches that sends freshly built messages of `size` bytes (as the server does)."""
 
     def __init__(self, size: int, seconds: float) -> None:

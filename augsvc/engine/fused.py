@@ -57,7 +57,7 @@ def _warp(work: Images, group: list[StepDraw], spec: Spec, into: np.ndarray | No
         shape = (n, int(oh[0]), int(ow[0]), channels)
         sources = work if isinstance(work, list) else [work]
         usable = into is not None and into.shape == shape and not any(np.shares_memory(into, w) for w in sources)
-        out = into if usable else np.empty(shape, np.uint8)
+        out = into if usable and into is not None else np.empty(shape, np.uint8)
         for i in range(n):
             _warp_one(work[i], m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill)
         return out

@@ -8,6 +8,8 @@ changes no parameter, only avoids resampling the image twice."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 from albumentations.augmentations.crops import functional as fcrops  # noqa: E402
@@ -23,7 +25,7 @@ from .params import StepDraw  # noqa: E402
 _ZERO = {"x": 0.0, "y": 0.0}
 
 
-def _affine(img: np.ndarray, rotate: float, scale: float, spec: Spec) -> np.ndarray:
+def _affine(img: np.ndarray, rotate: float, scale: float, spec: Spec) -> Any:  # albumentations is untyped
     matrix = fgeometric.create_affine_transformation_matrix(
         translate=_ZERO, shear=_ZERO, scale={"x": scale, "y": scale}, rotate=rotate,
         shift=fgeometric.center(img.shape[:2]))
@@ -31,7 +33,7 @@ def _affine(img: np.ndarray, rotate: float, scale: float, spec: Spec) -> np.ndar
                                   img.shape[:2])
 
 
-def _apply(img: np.ndarray, step: StepDraw, n: int, spec: Spec) -> np.ndarray:
+def _apply(img: np.ndarray, step: StepDraw, n: int, spec: Spec) -> Any:
     v = {k: a[n] for k, a in step.values.items()}
     p = step.params
     if step.name == "hflip":
