@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cols", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
-    p.add_argument("which", choices=["engine", "service", "e2e", "transport"])
+    p.add_argument("which", choices=["engine", "service", "e2e", "transport", "scaling"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)

@@ -1,0 +1,56 @@
+"""`augsvc bench scaling`: how cost grows — images/s and megapixels/s one client receives from a
+local server, for image sides 32..224 and 1..W workers (StreamBatches, the standard pipeline).
+Prints a table, writes JSON and, with --plot, a PNG."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import machine, write_json
+from .service import run as service_run
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_img, ax_pix = fig.subplots(1, 2)
+    for workers in sorted({r["workers"] for r in rows}):
+        rs = [r for r in rows if r["workers"] == workers]
+        sides = [r["side"] for r in rs]
+        ax_img.plot(sides, [r["service"] for r in rs], "o-", label=f"{workers} worker(s)")
+        ax_pix.plot(sides, [r["service"] * r["side"] ** 2 / 1e6 for r in rs], "o-", label=f"{workers} worker(s)")
+    ax_img.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel="images/s received",
+               title="images/s vs image side")
+    ax_pix.set(xscale="log", xlabel="image side (px)", ylabel="megapixels/s", title="pixel throughput")
+    for ax in (ax_img, ax_pix):
+        ax.set_xticks(sorted({r["side"] for r in rows}), labels=[str(s) for s in sorted({r["side"] for r in rows})])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="augsvc bench scaling", description=__doc__)
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128, 224])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--json")
+    parser.add_argument("--plot", help="write a PNG here")
+    args = parser.parse_args(argv)
+    batches = {32: 512, 64: 256, 128: 128, 224: 64}
+    rows = [r for w in args.workers for r in service_run(args.sides, workers=w, seconds=args.seconds,
+                                                           batches=batches)]
+    print(f"cost vs image side and workers, one client, StreamBatches ({machine()})")
+    print(f"{'workers':>8} {'side':>5} {'images/s':>10} {'MPix/s':>8} {'us/image/worker':>16} {'vs engine':>10}")
+    for r in rows:
+        print(f"{r['workers']:>8} {r['side']:>5} {r['service']:>10.0f} {r['service'] * r['side'] ** 2 / 1e6:>8.1f} "
+              f"{1e6 * r['workers'] / r['service']:>16.0f} {r['ratio']:>10.2f}")
+    write_json(args.json, {"benchmark": "scaling", "rows": rows})
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
