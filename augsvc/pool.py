@@ -18,6 +18,7 @@ import math
 import multiprocessing as mp
 import os
 import threading
+import weakref
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -282,17 +283,20 @@ class WorkerPool:
             self._inflight += 1
             self._queue.append(job)
             self._cond.notify()
-        job.future.add_done_callback(lambda f: self._job_done(job))
+        # A weak reference: job -> future -> callback -> job would be a cycle that keeps every
+        # result (a batch of pixels) alive until the cyclic GC happens to run.
+        job_ref = weakref.ref(job)
+        job.future.add_done_callback(lambda fut: self._job_done(fut, job_ref()))
         return job.future
 
-    def _job_done(self, job: _Job) -> None:
-        fut = job.future
+    def _job_done(self, fut: Future[Any], job: _Job | None) -> None:
         with self._cond:
             self._inflight -= 1
             if fut.cancelled():
                 self._counts["cancelled"] += 1
                 try:  # a queued job that was cancelled leaves the queue now, not when a feeder gets to it
-                    self._queue.remove(job)
+                    if job is not None:
+                        self._queue.remove(job)
                 except ValueError:
                     pass
             elif fut.exception() is not None:

@@ -145,11 +145,14 @@ class AugmentedStream(IterableDataset[Batch]):
                 stride=self.world_size, backend=self.backend)
             call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
             calls.append(call)
-            for msg, pixels in call:
-                k = int(msg.batch_index)
-                if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
-                    raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
-                deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids))
+            try:
+                for msg, pixels in call:
+                    k = int(msg.batch_index)
+                    if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
+                        raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
+                    deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids))
+            finally:
+                calls.remove(call)  # only live calls are kept (for cancelling), not one per chunk
             return
         images, labels = self._arrays
         spec_msg = self.spec.to_proto()
@@ -162,9 +165,12 @@ class AugmentedStream(IterableDataset[Batch]):
 
         call = self.client.augment_stream(endpoint, requests(), timeout=self.timeout)
         calls.append(call)
-        for msg, pixels in call:
-            k = int(msg.tag)
-            deliver(k, _to_torch(pixels, labels[plan[k]], plan[k]))
+        try:
+            for msg, pixels in call:
+                k = int(msg.tag)
+                deliver(k, _to_torch(pixels, labels[plan[k]], plan[k]))
+        finally:
+            calls.remove(call)
 
 
 class _Fetcher:
