@@ -18,8 +18,8 @@ import math
 import multiprocessing as mp
 import os
 import threading
-import weakref
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
