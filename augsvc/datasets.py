@@ -95,10 +95,20 @@ def _decode(img: Any, channels: int, what: str) -> np.ndarray:
 
 
 def decode_images(blobs: Sequence[bytes | memoryview], *, max_side: int | None = None,
-                  field: str = "encoded_images") -> list[np.ndarray]:
-    """Decode PNG/JPEG bytes to (H, W, C) uint8; C=1 only when every image is grayscale."""
+                  max_bytes: int | None = None, field: str = "encoded_images") -> list[np.ndarray]:
+    """Decode PNG/JPEG bytes to (H, W, C) uint8; C=1 only when every image is grayscale.
+
+    Opening reads only the headers; with `max_bytes`, a batch whose headers claim more decoded
+    pixels than that is refused (LimitExceededError) before any pixel is decoded."""
     imgs = [_open_image(io.BytesIO(bytes(b)), f"{field}[{i}]", max_side) for i, b in enumerate(blobs)]
     channels = 1 if imgs and all(im.mode in _GRAY_MODES for im in imgs) else 3
+    if max_bytes is not None:
+        claimed = sum(im.size[0] * im.size[1] for im in imgs) * channels
+        if claimed > max_bytes:
+            for im in imgs:
+                im.close()
+            raise LimitExceededError(f"{field}: the images decode to {claimed} bytes; the limit "
+                                     f"(max_batch_bytes) is {max_bytes}; send fewer or smaller images")
     return [_decode(im, channels, f"{field}[{i}]") for i, im in enumerate(imgs)]
 
 

@@ -70,10 +70,23 @@ class CancelledError(AugsvcError):
     status_code_name = "CANCELLED"
 
 
+#: Longest status message sent, in characters. Messages quote what the client sent (a dataset
+#: name, a dtype); grpc percent-encodes them into the grpc-message trailer (up to 12 bytes per
+#: character), and clients refuse trailers over 8-16 KiB with RESOURCE_EXHAUSTED, which would
+#: hide the real status code.
+MAX_MESSAGE_CHARS = 512
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS - 40]}... ({len(message)} characters, cut)"
+
+
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map any exception to (status code, message): augsvc errors keep their code, others INTERNAL."""
     import grpc
 
     if isinstance(exc, AugsvcError):
-        return grpc.StatusCode[exc.status_code_name], str(exc)
+        return grpc.StatusCode[exc.status_code_name], _clip(str(exc))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

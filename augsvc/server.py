@@ -37,7 +37,7 @@ from .errors import (
     grpc_status,
 )
 from .metrics import ServerMetrics
-from .plan import epoch_batches
+from .plan import epoch_permutation, num_batches
 from .pool import WorkerPool, default_workers
 from .security import TokenInterceptor, is_local_address, server_credentials
 from .spec import Spec
@@ -303,12 +303,15 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         population = (check_sample_ids(np.array(request.sample_ids, np.uint64), ds.num_samples)
                       if request.sample_ids else ds.num_samples)
         shuffle = request.shuffle if request.HasField("shuffle") else True
-        plan = epoch_batches(population, request.batch_size, seed=request.seed, epoch=request.epoch,
-                             shuffle=shuffle, drop_last=request.drop_last)
-        end = request.end if request.HasField("end") else len(plan)
-        if not request.start <= end <= len(plan):
+        # epoch_batches without its list: batch k is a view of one permutation, so a population
+        # of millions of ids costs one int64 array, not an array object per batch.
+        order = epoch_permutation(population, seed=request.seed, epoch=request.epoch, shuffle=shuffle)
+        size = request.batch_size
+        count = num_batches(order.size, size, drop_last=request.drop_last)
+        end = request.end if request.HasField("end") else count
+        if not request.start <= end <= count:
             raise InvalidInputError(f"start/end: batch range [{request.start}, {end}) is outside the epoch's "
-                                    f"batches [0, {len(plan)})")
+                                    f"batches [0, {count})")
         indices = range(request.start, end, request.stride or 1)
         spec_bytes = spec.to_bytes()
         window: deque[tuple[int, futures.Future[tuple[int, bytes]]]] = deque()
@@ -319,9 +322,10 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
                     k = next(it, None)
                     if k is None:
                         break
+                    ids = order[k * size:(k + 1) * size]
                     window.append((k, self._pool.submit_batch(
-                        ds.name, plan[k], spec_bytes, seed=request.seed, epoch=request.epoch, backend=backend,
-                        finish=partial(_batch_reply, request.epoch, k, plan[k]))))
+                        ds.name, ids, spec_bytes, seed=request.seed, epoch=request.epoch, backend=backend,
+                        finish=partial(_batch_reply, request.epoch, k, ids))))
                 if not window:
                     return
                 k, fut = window.popleft()

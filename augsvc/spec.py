@@ -45,6 +45,9 @@ GEOMETRIC = frozenset({"hflip", "vflip", "rotate", "scale", "resize", "random_re
 SIZING = frozenset({"resize", "random_resized_crop"})
 
 _DEFAULT_BORDER = "reflect_101"
+#: Most steps a spec may hold: each step costs a pass over the batch, and a running job cannot be
+#: cancelled, so an unbounded list would let a few KB of request hold a worker for minutes.
+MAX_STEPS = 64
 _INT_TYPES = {FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_INT32,
               FieldDescriptor.TYPE_INT64}
 _FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
@@ -254,6 +257,8 @@ class Spec:
 
     @classmethod
     def _validated(cls, msg: pb.Pipeline) -> Spec:
+        if len(msg.transforms) > MAX_STEPS:
+            raise SpecError(f"transforms: {len(msg.transforms)} steps; at most {MAX_STEPS} are allowed")
         _check_message(msg, "")
         if not msg.HasField("border"):
             msg.border = _DEFAULT_BORDER

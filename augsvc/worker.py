@@ -114,7 +114,8 @@ class _Worker:
                 blobs.append(buf[pos:pos + n])
                 pos += n
             try:
-                return decode_images(blobs, max_side=self.config.max_image_side)
+                return decode_images(blobs, max_side=self.config.max_image_side,
+                                     max_bytes=self.config.slot_bytes)
             finally:
                 for b in blobs:
                     b.release()

@@ -104,14 +104,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import DIGITS_SPEC, run_regularization_experiment
+    from .experiment import DIGITS_SPEC, digits_split, run_regularization_experiment
 
     out = Path(args.out)
     spec = load_spec(args.spec) if args.spec_given else load_spec(DIGITS_SPEC)
     with connect(args) as client:
         info = client.dataset_info(args.dataset)
         n = int(info["num_samples"])
-        train_ids, val_ids = random_split(n, args.exp_val, 1234, args.exp_train)
+        if args.dataset == "digits" and n == 1797:  # the built-in set: a stratified split
+            train_ids, val_ids = digits_split(args.exp_train, args.exp_val, seed=0)
+        else:
+            train_ids, val_ids = random_split(n, args.exp_val, 0, args.exp_train)
         val = fetch_all(client, args.dataset, identity_spec(spec), val_ids)
 
         def make_train_epoch(augment: bool, seed: int) -> Any:
@@ -124,9 +127,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
             return train_epoch
 
-        print(f"regularization experiment: {len(train_ids)} training / {len(val_ids)} validation images "
-              f"of {args.dataset}, streamed from augsvc", flush=True)
-        run_regularization_experiment(make_train_epoch, val, out_dir=out, seeds=tuple(args.seeds))
+        note = (f"Data: {args.dataset} ({info.get('image_shape')}), {len(train_ids)} training images, "
+                f"{len(val_ids)} validation images, batch size {args.exp_batch_size}; training batches streamed "
+                f"from augsvc (AugmentedStream) with `{spec.to_dict()}`.")
+        print(note, flush=True)
+        run_regularization_experiment(make_train_epoch, val, out_dir=out, seeds=tuple(args.seeds), data_note=note)
     print(f"wrote {out}/regularization.md and {out}/regularization.png")
     return 0
 
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--exp-train", type=int, default=200, help="experiment: training images")
     p.add_argument("--exp-val", type=int, default=400, help="experiment: validation images")
-    p.add_argument("--exp-batch-size", type=int, default=32)
+    p.add_argument("--exp-batch-size", type=int, default=16)
     args = p.parse_args(argv)
     args.spec_given = args.spec != str(DEFAULT_SPEC)
     if args.experiment == "regularization":
