@@ -164,7 +164,8 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         self._datasets = datasets
         self._settings = settings
         self._metrics = metrics
-        self._window = max(2, pool.worker_count)
+        # Two jobs per worker: each worker has its next batch queued while the last is being sent.
+        self._window = 2 * pool.worker_count
 
     # -- one place for errors and metrics --------------------------------------------------------
     def _status_of(self, method: str, exc: BaseException, context: grpc.ServicerContext) -> None:
