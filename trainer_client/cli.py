@@ -131,7 +131,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 f"{len(val_ids)} validation images, batch size {args.exp_batch_size}; training batches streamed "
                 f"from augsvc (AugmentedStream) with `{spec.to_dict()}`.")
         print(note, flush=True)
-        run_regularization_experiment(make_train_epoch, val, out_dir=out, seeds=tuple(args.seeds), data_note=note)
+        run_regularization_experiment(make_train_epoch, val, out_dir=out, seeds=tuple(args.seeds), data_note=note,
+                                      depth=args.exp_depth, width=args.exp_width)
     print(f"wrote {out}/regularization.md and {out}/regularization.png")
     return 0
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exp-train", type=int, default=200, help="experiment: training images")
     p.add_argument("--exp-val", type=int, default=400, help="experiment: validation images")
     p.add_argument("--exp-batch-size", type=int, default=16)
+    p.add_argument("--exp-depth", type=int, default=4, help="experiment: conv blocks (same for every config)")
+    p.add_argument("--exp-width", type=int, default=32, help="experiment: channels of the first block")
     args = p.parse_args(argv)
     args.spec_given = args.spec != str(DEFAULT_SPEC)
     if args.experiment == "regularization":

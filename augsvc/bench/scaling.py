@@ -28,6 +28,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
                title="images/s vs image side")
     ax_pix.set(xscale="log", xlabel="image side (px)", ylabel="megapixels/s", title="pixel throughput")
     for ax in (ax_img, ax_pix):
+        ax.minorticks_off()
         ax.set_xticks(sorted({r["side"] for r in rows}), labels=[str(s) for s in sorted({r["side"] for r in rows})])
         ax.grid(alpha=0.3)
         ax.legend()
