@@ -108,7 +108,7 @@ def run_health(target: str, *extra: str, timeout: float = 60.0) -> subprocess.Co
 
 # -- processes and shared memory ------------------------------------------------------------------
 
-def _parent_of(pid: int) -> int | None:
+def parent_of(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -122,7 +122,7 @@ def descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            parent = _parent_of(int(entry))
+            parent = parent_of(int(entry))
             if parent is not None:
                 children.setdefault(parent, []).append(int(entry))
     found: set[int] = set()
@@ -136,7 +136,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pid: int) -> bool:
-    return _parent_of(pid) is not None
+    return parent_of(pid) is not None
 
 
 def segments_of(pid: int) -> list[str]:

@@ -11,12 +11,17 @@ The options are read with defaults, so they also work when this folder is collec
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_options import (
+
+# tests/ itself, so that this suite shares tests/helpers when it runs alone (`pytest tests/reliability`).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reliability_options import (  # noqa: E402
     FAST_FUZZ_CASES,
     FAST_LOAD_SECONDS,
     LONG_FUZZ_CASES,

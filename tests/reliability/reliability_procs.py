@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
+from helpers.servers import alive, descendants, parent_of  # noqa: F401 - alive is re-exported
 
 from augsvc.server import AugmentServer, ServerSettings, create_server
 
@@ -102,36 +103,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[1]) if fields[0] not in ("Z", "X") else None
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    return _parent_of(pid) is not None
-
-
-def descendants(pid: int) -> set[int]:
-    """Live processes below `pid` (forkserver, workers, resource tracker), from a /proc scan."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            parent = _parent_of(int(entry))
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+# alive() and descendants() come from tests/helpers/servers.py (one /proc scan for both suites).
 
 
 def segments_of(pid: int) -> set[str]:
@@ -235,7 +207,7 @@ class ServeProcess:
 
     def worker_pids(self) -> set[int]:
         """Worker processes: children of the forkserver, itself a child of the server."""
-        return {p for p in descendants(self.pid) if _parent_of(p) not in (self.pid, None)}
+        return {p for p in descendants(self.pid) if parent_of(p) not in (self.pid, None)}
 
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:
