@@ -57,18 +57,6 @@ def sample_images(count: int, side: int, channels: int = 3, seed: int = 0) -> np
     return out
 
 
-def best_rate(fn: Callable[[], int], *, seconds: float, repeats: int = 3) -> float:
-    """Items per second of `fn` (returns items done per call): best of `repeats` windows."""
-    fn()  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        done, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds / repeats:
-            done += fn()
-        best = max(best, done / elapsed)
-    return best
-
-
 def compare_rates(fns: dict[str, Callable[[], int]], *, seconds: float, rounds: int = 5) -> dict[str, float]:
     """Best items/s of each function, measured in alternating windows so that a noisy neighbour
     slows every candidate alike (a ratio of two sequential measurements would not be fair)."""
