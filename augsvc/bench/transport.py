@@ -1,6 +1,7 @@
 """`augsvc bench transport`: bytes/s of the gRPC path (a server streaming Batch messages of the
 sizes we send, received and decoded by a client) against a raw loopback TCP socket moving the
-same bytes, in the same run."""
+same bytes, in the same run: plain grpcio messages (default and tuned options, TCP and unix
+socket) and augsvc's own wire path (replies serialized once, parsed without copies)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from ..tensors import decode_tensor, encode_tensor
 from ..v1 import augment_pb2 as pb
 from ..v1 import augment_pb2_grpc as pb_grpc
+from ..wire import batch_bytes, parse_reply, serialize
 from .common import machine, write_json
 
 #: Channel/server options the service uses for large messages (see README, "Transport").
@@ -40,6 +42,40 @@ class _Streamer(pb_grpc.AugmenterServicer):
         while time.perf_counter() < end and context.is_active():
             yield pb.Batch(batch_index=k, images=encode_tensor(self.images))
             k += 1
+
+
+class _WireStreamer(_Streamer):
+    """StreamBatches as augsvc serves it: each reply serialized once (augsvc.wire)."""
+
+    def StreamBatches(self, request: Any, context: Any) -> Iterator[bytes]:  # type: ignore[override]
+        end = time.perf_counter() + self.seconds
+        k = 0
+        while time.perf_counter() < end and context.is_active():
+            yield batch_bytes(epoch=0, batch_index=k, images=self.images, labels=[], sample_ids=[])
+            k += 1
+
+
+def wire_rate(size: int, seconds: float, options: list[tuple[str, int]]) -> float:
+    """The service's own path: replies serialized once, parsed into numpy views by the client."""
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=options)
+    handler = grpc.unary_stream_rpc_method_handler(
+        _WireStreamer(size, seconds).StreamBatches, request_deserializer=pb.StreamBatchesRequest.FromString,
+        response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "augsvc.v1.Augmenter", {"StreamBatches": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+            call = ch.unary_stream("/augsvc.v1.Augmenter/StreamBatches",
+                                   request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                                   response_deserializer=parse_reply)
+            received, start = 0, time.perf_counter()
+            for _msg, images in call(pb.StreamBatchesRequest()):
+                received += images.nbytes
+            return received / (time.perf_counter() - start)
+    finally:
+        server.stop(0)
 
 
 def grpc_rate(size: int, seconds: float, options: list[tuple[str, int]], unix: str | None = None) -> float:
@@ -103,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             default = grpc_rate(size, args.seconds, DEFAULT_OPTIONS)
             tuned = grpc_rate(size, args.seconds, TUNED_OPTIONS)
             unix = grpc_rate(size, args.seconds, TUNED_OPTIONS, unix=f"{tmp}/t.sock")
+            wire = wire_rate(size, args.seconds, TUNED_OPTIONS)
             rows.append({"message_bytes": size, "socket": raw, "grpc_default": default, "grpc_tuned": tuned,
-                         "grpc_tuned_unix": unix, "tuned_vs_socket": tuned / raw})
+                         "grpc_tuned_unix": unix, "augsvc_wire": wire, "tuned_vs_socket": tuned / raw,
+                         "wire_vs_socket": wire / raw})
     print(f"transport, MB/s received ({machine()})")
     print(f"{'message':>9} {'raw socket':>11} {'grpc default':>13} {'grpc tuned':>11} {'tuned unix':>11} "
-          f"{'tuned/socket':>13}")
+          f"{'augsvc wire':>12} {'wire/socket':>12}")
     for r in rows:
         print(f"{r['message_bytes'] // 1024:>7}KB {r['socket'] / 1e6:>11.0f} {r['grpc_default'] / 1e6:>13.0f} "
-              f"{r['grpc_tuned'] / 1e6:>11.0f} {r['grpc_tuned_unix'] / 1e6:>11.0f} {r['tuned_vs_socket']:>13.2f}")
+              f"{r['grpc_tuned'] / 1e6:>11.0f} {r['grpc_tuned_unix'] / 1e6:>11.0f} {r['augsvc_wire'] / 1e6:>12.0f} "
+              f"{r['wire_vs_socket']:>12.2f}")
     write_json(args.json, {"benchmark": "transport", "rows": rows})
     return 0
