@@ -132,8 +132,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     import importlib
 
-    # e2e compares against a torch DataLoader, so it lives on the trainer side (augsvc stays torch-free).
-    name = "trainer_client.bench_e2e" if args.which == "e2e" else f"augsvc.bench.{args.which}"
+    # These two stream into torch, so they live on the trainer side (augsvc stays torch-free).
+    torch_side = {"e2e": "trainer_client.bench_e2e", "scaleout": "trainer_client.bench_scaleout"}
+    name = torch_side.get(args.which, f"augsvc.bench.{args.which}")
     module = importlib.import_module(name)
     return int(module.main(rest))
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cols", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
-    p.add_argument("which", choices=["engine", "service", "e2e", "transport", "scaling"])
+    p.add_argument("which", choices=["engine", "service", "e2e", "transport", "scaling", "scaleout"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
