@@ -11,3 +11,4 @@ $aug bench service --seconds 8 --json "$out/service.json"
 $aug bench e2e --seconds 10 --json "$out/e2e.json"
 $aug bench transport --seconds 3 --json "$out/transport.json"
 $aug bench scaling --seconds 4 --json "$out/scaling.json" --plot docs/scaling.png
+$aug bench scaleout --seconds 6 --json "$out/scaleout.json"
