@@ -7,8 +7,12 @@ tree rooted at `AugsvcError` (`SpecError` for every invalid spec).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+if TYPE_CHECKING:  # the real import is lazy (__getattr__ below); type checkers see the signature
+    from .engine import augment_batch
 
 from .errors import (  # noqa: E402
     AugsvcError,
