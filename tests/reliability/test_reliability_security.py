@@ -5,7 +5,7 @@ about sizes, including encoded images whose headers claim more pixels than the b
 (DESIGN contracts 3-5). tests/test_security.py covers the in-process TLS/token matrix; this file
 does not repeat it.
 
-Certificates are generated per run (reliability_pki). Servers bind 127.0.0.1 only; the
+Certificates are generated per run (tests/helpers/certs.py). Servers bind 127.0.0.1 only; the
 "beyond loopback" cases check that the server refuses to start, and send no traffic.
 """
 
@@ -26,8 +26,8 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from helpers.certs import Pki, make_pki
 from PIL import Image
-from reliability_pki import Pki, make_pki
 from reliability_procs import (
     TIMEOUT,
     ServeProcess,
@@ -175,7 +175,7 @@ def test_cli_tls_refuses_plaintext_and_wants_the_token(secure: SecureServers, pk
     server = secure.tls
     before = images_done(server)
     assert_refused(server.target, None)  # plaintext
-    assert_refused(server.target, creds(pki, ca=pki.untrusted_ca_cert))  # a CA that did not sign the server
+    assert_refused(server.target, creds(pki, ca=pki.other_ca_cert))  # a CA that did not sign the server
     assert images_done(server) == before, "a refused connection cost augmentation work"
     with channel(server.target, creds(pki)) as ch, pytest.raises(grpc.RpcError) as info:
         pb_grpc.AugmenterStub(ch).Augment(good_request(), timeout=TIMEOUT)  # TLS, but no token
@@ -192,7 +192,7 @@ def test_cli_mutual_tls_refuses_clients_without_a_trusted_certificate(
     before = images_done(server)
     assert_refused(server.target, None)  # plaintext
     assert_refused(server.target, creds(pki))  # TLS without a client certificate
-    assert_refused(server.target, creds(pki, pki.untrusted_client_cert, pki.untrusted_client_key))
+    assert_refused(server.target, creds(pki, pki.rogue_client_cert, pki.rogue_client_key))
     assert images_done(server) == before
     assert_augments(server.target, creds(pki, pki.client_cert, pki.client_key), BEARER)
     assert images_done(server) == before + len(X)
