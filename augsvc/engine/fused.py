@@ -28,8 +28,29 @@ def _stack_if_uniform(images: list[np.ndarray]) -> Images:
     return images
 
 
+# OpenCV 5's bilinear warp moves 4-channel pixels much faster than 3-channel ones (measured:
+# 224x224, 366 -> 243 us), so RGB images of this many pixels or more are warped as RGBA; the two
+# conversions cost ~13 us each and the channels come out bit-identical.
+_RGBA_MIN_PIXELS = 48 * 48
+
+
+class _Scratch:
+    """Reused RGBA buffers for one batch's warps (one shape at a time)."""
+
+    def __init__(self) -> None:
+        self.src: np.ndarray | None = None
+        self.dst: np.ndarray | None = None
+
+    def get(self, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if self.src is None or self.src.shape[:2] != src_hw:
+            self.src = np.empty((*src_hw, 4), np.uint8)
+        if self.dst is None or self.dst.shape[:2] != dst_hw:
+            self.dst = np.empty((*dst_hw, 4), np.uint8)
+        return self.src, self.dst
+
+
 def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray | None,
-              border: int, fill: float) -> np.ndarray:
+              border: int, fill: float, scratch: _Scratch) -> np.ndarray:
     """Warp one (H,W,C) image by the 3x3 matrix `m`; exact slicing for identity and flips."""
     h, w = src.shape[:2]
     if (oh, ow) == (h, w) and m[0, 1] == 0 and m[1, 0] == 0 and abs(m[0, 0]) == 1 and abs(m[1, 1]) == 1:
@@ -41,10 +62,19 @@ def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray 
             dst[...] = view.reshape(dst.shape)
             return dst
     channels = src.shape[2]
-    target = None if dst is None else (dst if channels == 3 else dst.reshape(oh, ow))
-    res = cv2.warpAffine(src, m[:2], (ow, oh), dst=target, flags=cv2.INTER_LINEAR, borderMode=border,
-                         borderValue=(fill, fill, fill, fill))
-    return res.reshape(oh, ow, channels) if dst is None else dst
+    if dst is None:
+        dst = np.empty((oh, ow, channels), np.uint8)
+    fills = (fill, fill, fill, fill)
+    if channels == 3 and oh * ow >= _RGBA_MIN_PIXELS:
+        src4, dst4 = scratch.get((h, w), (oh, ow))
+        cv2.cvtColor(src, cv2.COLOR_RGB2RGBA, dst=src4)
+        cv2.warpAffine(src4, m[:2], (ow, oh), dst=dst4, flags=cv2.INTER_LINEAR, borderMode=border,
+                       borderValue=fills)
+        cv2.cvtColor(dst4, cv2.COLOR_RGBA2RGB, dst=dst)
+        return dst
+    target = dst if channels == 3 else dst.reshape(oh, ow)
+    cv2.warpAffine(src, m[:2], (ow, oh), dst=target, flags=cv2.INTER_LINEAR, borderMode=border, borderValue=fills)
+    return dst
 
 
 def _warp(work: Images, group: list[StepDraw], spec: Spec, into: np.ndarray | None = None) -> Images:
@@ -53,15 +83,16 @@ def _warp(work: Images, group: list[StepDraw], spec: Spec, into: np.ndarray | No
     border = BORDERS[spec.border]
     n = m.shape[0]
     channels = work[0].shape[-1] if n else 1
+    scratch = _Scratch()
     if n and (oh == oh[0]).all() and (ow == ow[0]).all():
         shape = (n, int(oh[0]), int(ow[0]), channels)
         sources = work if isinstance(work, list) else [work]
         usable = into is not None and into.shape == shape and not any(np.shares_memory(into, w) for w in sources)
         out = into if usable and into is not None else np.empty(shape, np.uint8)
         for i in range(n):
-            _warp_one(work[i], m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill)
+            _warp_one(work[i], m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill, scratch)
         return out
-    return [_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill) for i in range(n)]
+    return [_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch) for i in range(n)]
 
 
 def _color(work: Images, step: StepDraw, owned: bool) -> Images:
