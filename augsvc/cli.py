@@ -55,6 +55,10 @@ def _serve_parser(sub: Any) -> None:
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--max-connection-age", type=float, default=float(_env("max_connection_age", 0)) or None,
                    help="seconds before a client connection is closed, so round_robin clients re-resolve DNS")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   default=_env("shared_memory", "1") not in ("0", "false"),
+                   help="always send pixels in the gRPC stream, even to clients on this host that offer "
+                        "shared-memory segments")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -69,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
         insecure=args.insecure, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-        grace_seconds=args.grace, max_connection_age_seconds=args.max_connection_age)
+        grace_seconds=args.grace, max_connection_age_seconds=args.max_connection_age,
+        shared_memory=args.shared_memory)
     host = args.host if ":" not in args.host or args.host.startswith("[") else f"[{args.host}]"
     address = f"unix:{args.unix}" if args.unix else f"{host}:{args.port}"
     log = logging.getLogger("augsvc.serve")

@@ -34,7 +34,7 @@ import numpy as np
 
 from .datasets import Dataset, check_sample_ids
 from .errors import InvalidInputError, LimitExceededError, NotFoundError, WorkerUnavailableError
-from .shm import create_segment, release_segment
+from .shm import create_segment, is_client_segment, release_segment
 from .worker import SLEEP_HOOK_ENV, WorkerConfig, launch_worker, remote_error, wait_ready
 
 __all__ = ["WorkerPool", "default_workers"]
@@ -79,6 +79,9 @@ def _cgroup_quota(root: Path) -> int | None:
     return None
 
 
+Finish = Callable[[np.ndarray, np.ndarray | None, str | None], Any]
+
+
 @dataclass
 class _Job:
     kind: str                         # "augment" | "batch"
@@ -86,9 +89,11 @@ class _Job:
     payload: np.ndarray | Sequence[bytes] | None
     future: Future[Any]
     labels: np.ndarray | None = None
-    # Called in the feeder thread with (view of the output slot, labels) while the slot is held;
-    # its return value becomes the future's result (lets the server serialize straight from shm).
-    finish: Callable[[np.ndarray, np.ndarray | None], Any] | None = None
+    # Called in the feeder thread with (view of the output slot, labels, None) while the slot is
+    # held; its return value becomes the future's result (lets the server serialize straight from
+    # shm). When the worker wrote into the client segment meta["out_segment"], it is called with
+    # (a zero-strided array of the output's shape, labels, that segment's name) instead.
+    finish: Finish | None = None
 
 
 @dataclass
@@ -225,9 +230,9 @@ class WorkerPool:
     # -- submitting ----------------------------------------------------------------------------
     def submit_augment(self, images: np.ndarray | Sequence[bytes], spec_bytes: bytes, *, seed: int,
                        epoch: int, sample_ids: Any, backend: str = "fused",
-                       finish: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> Future[Any]:
+                       finish: Finish | None = None) -> Future[Any]:
         """Augment an (N, H, W, C) uint8 array, or N encoded PNG/JPEG images (decoded in the worker).
-        With `finish`, the result is finish(view of the output, None) instead of a copy."""
+        With `finish`, the result is finish(view of the output, None, None) instead of a copy."""
         ids = np.asarray(sample_ids)
         meta: dict[str, Any] = {"spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
                                 "sample_ids": ids, "backend": backend}
@@ -253,10 +258,12 @@ class WorkerPool:
         return self._submit(_Job("augment", meta, images, Future(), finish=finish))
 
     def submit_batch(self, dataset: str, sample_ids: Any, spec_bytes: bytes, *, seed: int, epoch: int,
-                     backend: str = "fused",
-                     finish: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> Future[Any]:
+                     backend: str = "fused", finish: Finish | None = None,
+                     out_segment: str | None = None) -> Future[Any]:
         """Augment samples of a served dataset; the worker reads them from shared memory.
-        The Future's result is (images, labels), or finish(view of the output, labels)."""
+        The Future's result is (images, labels), or finish(view of the output, labels, segment).
+        out_segment (with `finish` only): a client segment (`augsvc.shm.is_client_segment`) the
+        worker writes the pixels into when it can; `finish` learns whether it did."""
         ds = self._datasets.get(dataset)
         if ds is None:
             served = ", ".join(sorted(self._datasets)) or "none"
@@ -266,6 +273,11 @@ class WorkerPool:
             self._check_bytes(len(ids) * math.prod(ds.image_shape), "sample_ids")
         meta = {"dataset": dataset, "spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
                 "sample_ids": ids, "backend": backend, "channels": ds.channels}
+        if out_segment is not None:
+            if finish is None or not is_client_segment(out_segment):
+                raise InvalidInputError(f"out_segment: {out_segment!r} is not a client segment name "
+                                        "(or no finish hook was given)")
+            meta["out_segment"] = out_segment
         return self._submit(_Job("batch", meta, None, Future(), labels=ds.labels[ids], finish=finish))
 
     def _check_bytes(self, nbytes: int, what: str) -> None:
@@ -356,10 +368,14 @@ class WorkerPool:
         if reply is None:
             self._worker_died(slot, job)
         elif reply[0] == "ok":
-            view = np.ndarray(reply[1], np.uint8, buffer=slot.out_shm.buf)
+            shape, segment = reply[1], reply[2]
+            if segment is not None:  # the pixels are in the client's segment: pass their shape
+                view = np.broadcast_to(np.zeros((), np.uint8), shape)
+            else:
+                view = np.ndarray(shape, np.uint8, buffer=slot.out_shm.buf)
             if job.finish is not None:
                 try:
-                    result = job.finish(view, job.labels)
+                    result = job.finish(view, job.labels, segment)
                 except Exception as exc:  # noqa: BLE001 - the caller's hook; reported to the caller
                     job.future.set_exception(exc)
                     return

@@ -41,6 +41,15 @@ def is_local_address(address: str) -> bool:
         return False
 
 
+def is_local_peer(peer: str) -> bool:
+    """True when a call's peer (`ServicerContext.peer()`: "unix:...", "ipv4:127.0.0.1:5000",
+    "ipv6:[::1]:5000") is on this host by way of a unix socket or loopback."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if peer.startswith(scheme):
+            return is_local_address(peer[len(scheme):])
+    return peer.startswith("unix:")
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "

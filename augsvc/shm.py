@@ -3,12 +3,15 @@
 Names are ``augsvc_<creator pid>_<random>_<tag>``, so an operator (or a test) can tell whose a
 leftover in /dev/shm is. The creator registers each segment with multiprocessing's resource
 tracker, which unlinks it if the creator dies without `release_segment(..., unlink=True)`.
-Readers attach without registering (see `attach_segment`) and never unlink.
+Readers attach without registering (see `attach_segment`) and never unlink. A client on the
+server's host may create ``augsvc_client_<pid>_<random>_<tag>`` segments for the server to write
+replies into (StreamBatchesRequest.shm_segments).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sys
 import threading
@@ -19,13 +22,22 @@ from multiprocessing.shared_memory import SharedMemory
 
 from .errors import LimitExceededError
 
-__all__ = ["SEGMENT_PREFIX", "attach_segment", "create_segment", "release_segment"]
+__all__ = ["CLIENT_SEGMENT_PREFIX", "SEGMENT_PREFIX", "attach_segment", "create_segment",
+           "is_client_segment", "release_segment"]
 
 #: Every segment augsvc creates is named ``augsvc_<creator pid>_<random>_<tag>``.
 SEGMENT_PREFIX = "augsvc_"
+#: Segments a client creates for the shared-memory reply path; a server writes into no others.
+CLIENT_SEGMENT_PREFIX = SEGMENT_PREFIX + "client_"
+_CLIENT_NAME = re.compile(re.escape(CLIENT_SEGMENT_PREFIX) + r"[0-9]{1,10}_[0-9a-f]{8}_[a-z]{1,16}")
 
 
-def create_segment(size: int, tag: str, *, reserve: bool) -> SharedMemory:
+def is_client_segment(name: str) -> bool:
+    """True for names `create_segment(..., client=True)` makes (never a server's own segment)."""
+    return _CLIENT_NAME.fullmatch(name) is not None
+
+
+def create_segment(size: int, tag: str, *, reserve: bool, client: bool = False) -> SharedMemory:
     """A new segment named after this process, registered with the resource tracker so that it
     is unlinked even if the creator dies. ``reserve``: fail now (instead of SIGBUS on a later
     write) when /dev/shm cannot hold it; otherwise only warn, since slots are rarely full."""
@@ -42,7 +54,8 @@ def create_segment(size: int, tag: str, *, reserve: bool) -> SharedMemory:
             raise LimitExceededError(msg)
         warnings.warn(msg, ResourceWarning, stacklevel=2)
     while True:
-        name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
+        prefix = CLIENT_SEGMENT_PREFIX if client else SEGMENT_PREFIX
+        name = f"{prefix}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
         try:
             return SharedMemory(name=name, create=True, size=size)
         except FileExistsError:

@@ -50,6 +50,15 @@ def batch_bytes(*, epoch: int, batch_index: int, images: np.ndarray, labels: Any
     return _with_images(meta.SerializeToString(), _BATCH_IMAGES, images)
 
 
+def batch_shm_bytes(*, epoch: int, batch_index: int, shape: tuple[int, ...], labels: Any, sample_ids: Any,
+                    segment: str) -> bytes:
+    """A Batch whose pixels the worker wrote into the client's shared-memory `segment`."""
+    message = pb.Batch(epoch=epoch, batch_index=batch_index, labels=labels, sample_ids=sample_ids,
+                       images=pb.Tensor(shape=list(shape), dtype="uint8"), shm_segment=segment)
+    data: bytes = message.SerializeToString()
+    return data
+
+
 def augment_response_bytes(*, images: np.ndarray, sample_ids: Any, tag: int) -> bytes:
     meta = pb.AugmentResponse(sample_ids=sample_ids, tag=tag)
     return _with_images(meta.SerializeToString(), _RESPONSE_IMAGES, images)
@@ -101,8 +110,21 @@ def _fields(buf: memoryview, start: int, end: int) -> Any:
         yield key, value_start, pos, field_start
 
 
-def parse_reply(data: bytes, message_type: Any = pb.Batch) -> tuple[Any, np.ndarray]:
-    """(message without its images, images as a read-only (N,H,W,C) view of `data`)."""
+def split_field(data: bytes, field: int) -> tuple[bytes, bytes]:
+    """(the message without field `field`, every occurrence of that field, tags included); each
+    part parses on its own as the same message type. Lets a server look at a big repeated field
+    (StreamBatchesRequest.sample_ids) as bytes, and decode it only when it has not seen it."""
+    buf = memoryview(data)
+    rest: list[memoryview] = []
+    taken: list[memoryview] = []
+    for key, _start, end, field_start in _fields(buf, 0, len(buf)):
+        (taken if key >> 3 == field else rest).append(buf[field_start:end])
+    return b"".join(rest), b"".join(taken)
+
+
+def parse_reply(data: bytes, message_type: Any = pb.Batch) -> tuple[Any, np.ndarray | None]:
+    """(message without its images, images as a read-only (N,H,W,C) view of `data`); for a Batch
+    whose pixels are in a client segment (`shm_segment`), (the whole message, None)."""
     buf = memoryview(data)
     images_key = _IMAGES_KEY[message_type]
     rest: list[memoryview] = []
@@ -120,6 +142,10 @@ def parse_reply(data: bytes, message_type: Any = pb.Batch) -> tuple[Any, np.ndar
                 parts.append(buf[tfield:tend])
         tensor = pb.Tensor.FromString(b"".join(parts))
     message = message_type.FromString(b"".join(rest))
+    segment: str = getattr(message, "shm_segment", "")
+    if pixels is None and segment:
+        message.images.CopyFrom(tensor)
+        return message, None
     offset, length = pixels if pixels is not None else (0, 0)
     shape = check_tensor_shape(tensor, length)
     return message, np.frombuffer(data, np.uint8, count=length, offset=offset).reshape(shape)

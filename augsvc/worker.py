@@ -7,7 +7,11 @@ messages on the pipe are small tuples; pixels only ever cross through the slots.
 
     parent -> worker   ("augment", meta) | ("batch", meta) | ("stop",)   (the pool stops with SIGTERM)
     worker -> parent   ("ready", pid) | ("fatal", message)          once, at start
-                       ("ok", shape) | ("err", class name, message) once per job
+                       ("ok", shape, segment) | ("err", class name, message) once per job
+
+A batch job may name a client's segment (meta "out_segment", shared-memory reply path): the
+pixels then go there instead of the output slot, and "ok" names it; when the segment cannot be
+used (gone, too small, not a client segment) they go to the output slot and "ok" names none.
 
 augsvc errors travel back as their class name and message; anything else is logged here with
 its traceback and reaches the parent as an internal error that names only its type.
@@ -41,6 +45,7 @@ log = logging.getLogger("augsvc.worker")
 #: can kill it mid-job. Forwarded from the parent's environment at worker start.
 SLEEP_HOOK_ENV = "AUGSVC_TEST_WORKER_SLEEP"
 _SPEC_CACHE_SIZE = 32
+_CLIENT_SEGMENTS_CACHED = 16  # a client cycles through a few segments: stay attached to them
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class _Worker:
         self.out_shm = attach_segment(config.out_slot)
         self.datasets = {name: attach(h) for name, h in config.datasets.items()}
         self.specs: OrderedDict[bytes, Any] = OrderedDict()
+        self.client_segments: OrderedDict[str, Any] = OrderedDict()
         hook = config.env.get(SLEEP_HOOK_ENV, "")
         seed, _, seconds = hook.partition(":")
         self.sleep_hook = (int(seed), float(seconds)) if hook else None
@@ -121,7 +127,25 @@ class _Worker:
                     b.release()
         return np.ndarray(meta["shape"], np.uint8, buffer=self.in_shm.buf)
 
-    def run(self, kind: str, meta: dict[str, Any]) -> tuple[int, ...]:
+    def client_segment(self, name: str, nbytes: int) -> Any:
+        """The client's segment `name` attached (cached), or None when it cannot take `nbytes`."""
+        from .shm import attach_segment, is_client_segment, release_segment
+
+        shm = self.client_segments.get(name)
+        if shm is None:
+            if not is_client_segment(name):
+                return None
+            try:
+                shm = attach_segment(name)
+            except (OSError, ValueError):  # gone, another user's, or another host's name
+                return None
+            self.client_segments[name] = shm
+            while len(self.client_segments) > _CLIENT_SEGMENTS_CACHED:
+                release_segment(self.client_segments.popitem(last=False)[1], unlink=False)
+        self.client_segments.move_to_end(name)
+        return shm if shm.size >= nbytes else None
+
+    def run(self, kind: str, meta: dict[str, Any]) -> tuple[tuple[int, ...], str | None]:
         if self.sleep_hook is not None and meta["seed"] == self.sleep_hook[0]:
             time.sleep(self.sleep_hook[1])
         spec = self.spec(meta["spec"])
@@ -131,7 +155,7 @@ class _Worker:
             if nbytes > self.config.slot_bytes:
                 raise self._too_big(nbytes)
         images = self.images(kind, meta)
-        target = self._out_view(images, size)
+        target, segment = self._out_view(images, size, meta.get("out_segment"))
         out = self.augment_batch(images, spec, seed=meta["seed"], epoch=meta["epoch"],
                                  sample_ids=meta["sample_ids"], backend=meta["backend"],
                                  max_side=self.config.max_image_side, out=target)
@@ -140,22 +164,27 @@ class _Worker:
             if out.nbytes > self.config.slot_bytes:
                 raise self._too_big(out.nbytes)
             np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out
-        return tuple(int(s) for s in out.shape)
+        return tuple(int(s) for s in out.shape), segment
 
-    def _out_view(self, images: Any, size: tuple[int, int] | None) -> np.ndarray | None:
-        """The output slot as an array of the batch's output shape, when it is known up front: the
-        engine then writes the pixels straight into shared memory."""
+    def _out_view(self, images: Any, size: tuple[int, int] | None, segment: str | None
+                  ) -> tuple[np.ndarray | None, str | None]:
+        """The output slot (or the client's `segment`, when usable) as an array of the batch's
+        output shape, when it is known up front: the engine then writes the pixels straight into
+        shared memory."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
             h, w = size or images.shape[1:3]
             shape = (images.shape[0], h, w, images.shape[3])
         elif size is not None and len(images) and getattr(images[0], "ndim", 0) == 3:
             shape = (len(images), size[0], size[1], images[0].shape[2])
         else:
-            return None
+            return None, None
         nbytes = shape[0] * shape[1] * shape[2] * shape[3]
         if nbytes > self.config.slot_bytes:
             raise self._too_big(nbytes)
-        return np.ndarray(shape, np.uint8, buffer=self.out_shm.buf)
+        shm = self.client_segment(segment, nbytes) if segment else None
+        if shm is not None:
+            return np.ndarray(shape, np.uint8, buffer=shm.buf), segment
+        return np.ndarray(shape, np.uint8, buffer=self.out_shm.buf), None
 
     def _too_big(self, nbytes: int) -> errors.LimitExceededError:
         return errors.LimitExceededError(
@@ -185,7 +214,7 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
         if msg[0] == "stop":
             return
         try:
-            reply: tuple[Any, ...] = ("ok", worker.run(msg[0], msg[1]))
+            reply: tuple[Any, ...] = ("ok", *worker.run(msg[0], msg[1]))
         except errors.AugsvcError as exc:
             reply = ("err", type(exc).__name__, str(exc))
         except Exception as exc:

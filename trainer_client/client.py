@@ -23,7 +23,7 @@ from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
-from augsvc.wire import parse_reply
+from augsvc.wire import parse_reply, serialize
 
 #: Status codes worth retrying on another endpoint: the server or a worker went away, or is full.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -33,6 +33,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 
 def _parse_response(data: bytes) -> tuple[pb.AugmentResponse, np.ndarray]:
     message, images = parse_reply(data, pb.AugmentResponse)
+    assert images is not None  # only Batch replies may point into shared memory
     return message, images
 
 
@@ -102,7 +103,7 @@ class AugmentClient:
                                                  response_deserializer=_parse_response)
                                 for ch in self._channels]
         self._stream_batches = [ch.unary_stream(service + "StreamBatches",
-                                                request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                                                request_serializer=serialize,  # a message, or its bytes
                                                 response_deserializer=parse_reply) for ch in self._channels]
         self._next = itertools.count()
         self._lock = threading.Lock()
@@ -150,8 +151,8 @@ class AugmentClient:
         _reply, images = self._call("Augment", request, timeout)
         return np.array(images)
 
-    def stream_batches(self, endpoint: int, request: pb.StreamBatchesRequest, timeout: float | None = None
-                       ) -> Any:
+    def stream_batches(self, endpoint: int, request: pb.StreamBatchesRequest | bytes,
+                       timeout: float | None = None) -> Any:
         """A StreamBatches call on one endpoint: a cancellable iterator of (Batch without its images,
         images as a read-only (N,H,W,C) uint8 view)."""
         return self._stream_batches[endpoint % len(self._stubs)](request, timeout=timeout or self.timeout,

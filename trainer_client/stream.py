@@ -9,15 +9,28 @@ is dropped; when a call fails with a retryable code, the chunk's missing batches
 front of the queue for any healthy endpoint, and the failed endpoint backs off. The consumer
 yields indices in order. A batch is an idempotent unit of work: any server produces the same
 bytes for batch k of epoch e.
+
+Shared memory: with a server on this host (a unix socket or loopback target), each StreamBatches
+call offers one shared-memory segment per batch (`_Segments`); the workers write the augmented
+pixels straight into them and the gRPC stream carries only labels, ids and shapes. The delivered
+tensor is a view of its segment, which goes back to the pool when the tensor is freed. Any batch a
+server cannot put there (another host, no access) arrives inline, so the result is the same.
+
+Images are delivered as [N, C, H, W] tensors in torch.channels_last memory format: a view of the
+NHWC pixels, which is what a CNN wants anyway (channels_last=False gives contiguous NCHW, at the
+cost of one transposing copy per batch).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from functools import partial
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import grpc
@@ -26,6 +39,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from augsvc.plan import epoch_batches
+from augsvc.security import is_local_address
+from augsvc.shm import create_segment, release_segment
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -39,10 +54,58 @@ class StreamError(RuntimeError):
     """The epoch could not be delivered (a non-retryable status, or retries exhausted)."""
 
 
-def _to_torch(images: np.ndarray, labels: Any, ids: Any) -> Batch:
-    nchw = images.transpose(0, 3, 1, 2).copy(order="C")  # writable, owned by torch
-    return (torch.from_numpy(nchw), torch.as_tensor(np.asarray(labels, np.int64)),
-            torch.as_tensor(np.asarray(ids, np.int64)))
+def _to_torch(images: np.ndarray, labels: Any, ids: Any, *, channels_last: bool, owned: bool = False) -> Batch:
+    """NHWC uint8 pixels as an [N, C, H, W] tensor: a channels_last view of `images` when they are
+    `owned` (writable, ours to keep), of a copy otherwise; or a contiguous NCHW copy."""
+    if channels_last:
+        nhwc = images if owned else images.copy()
+        tensor = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
+    else:
+        tensor = torch.from_numpy(images.transpose(0, 3, 1, 2).copy(order="C"))
+    return (tensor, torch.as_tensor(np.asarray(labels, np.int64)), torch.as_tensor(np.asarray(ids, np.int64)))
+
+
+class _Segments:
+    """Shared-memory segments of `nbytes` that this client offers a server on its host, one per
+    batch of a call. A segment is free, offered to a call, or owned by a delivered batch (until
+    its tensor is freed). A segment offered to a call that failed may still be written by a worker
+    that was mid-batch, so it is never reused: `discard` unlinks it."""
+
+    def __init__(self, nbytes: int, keep: int) -> None:
+        self.nbytes, self.keep = nbytes, keep
+        self._free: list[SharedMemory] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def acquire(self, count: int) -> list[SharedMemory]:
+        with self._lock:
+            taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        return taken + [create_segment(self.nbytes, "batch", reserve=False, client=True)
+                        for _ in range(count - len(taken))]
+
+    def release(self, shm: SharedMemory) -> None:
+        with self._lock:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(shm)
+                return
+        self.discard(shm)
+
+    @staticmethod
+    def discard(shm: SharedMemory) -> None:
+        release_segment(shm, unlink=True)
+
+    def view(self, shm: SharedMemory, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable array over `shm` that returns the segment here when it is freed."""
+        array = np.ndarray(shape, np.uint8, buffer=shm.buf)
+        weakref.finalize(array, self.release, shm)
+        return array
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for shm in free:
+            self.discard(shm)
 
 
 class AugmentedStream(IterableDataset[Batch]):
@@ -51,13 +114,16 @@ class AugmentedStream(IterableDataset[Batch]):
     dataset: a dataset name served by the endpoints. sample_ids: the epoch's population (a split
     or subset); None means the whole dataset. Rank r of world_size R gets batches k % R == r.
     prefetch: batches kept in flight or ready ahead of the consumer (memory is bounded by it).
+    shared_memory: receive pixels through shared memory (see the module docstring); None means
+    when every endpoint is a unix socket or loopback address. channels_last: images are
+    channels_last views of the received pixels (default) or contiguous NCHW copies.
     """
 
     def __init__(self, client: AugmentClient, dataset: str | None, spec: Any, *, batch_size: int, seed: int,
                  epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, prefetch: int = 8,
                  sample_ids: Any = None, drop_last: bool = False, backend: str = "fused",
                  streams: int | None = None, chunk: int | None = None, timeout: float = 120.0,
-                 max_attempts: int = 10) -> None:
+                 max_attempts: int = 10, shared_memory: bool | None = None, channels_last: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size: {batch_size} is not allowed; expected >= 1")
@@ -75,11 +141,23 @@ class AugmentedStream(IterableDataset[Batch]):
         self.streams = streams or max(2, client.num_endpoints)
         self.chunk = chunk or max(1, min(4, prefetch // self.streams))
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        # The whole dataset goes on the wire as no ids at all (the request's default).
+        self._whole_dataset = False
         if sample_ids is None and dataset is not None:
+            self._whole_dataset = True
             self.population: np.ndarray = np.arange(int(client.dataset_info(dataset)["num_samples"]))
         else:
             self.population = np.asarray(sample_ids, np.int64)
+        self._request_head: tuple[int, bytes] | None = None
         self.position = 0  # batches of this rank already yielded in `self.epoch`
+        self.channels_last = channels_last
+        if shared_memory is None:
+            shared_memory = all(is_local_address(t) for t in client.targets)
+        self.shared_memory = shared_memory and dataset is not None
+        self._segments: _Segments | None = None
+        #: How the batches of this stream arrived so far: {"shared_memory": n, "inline": m}.
+        self.received = {"shared_memory": 0, "inline": 0}
+        self._received_lock = threading.Lock()
 
     @classmethod
     def from_arrays(cls, client: AugmentClient, images: np.ndarray, labels: Sequence[int] | np.ndarray,
@@ -120,6 +198,57 @@ class AugmentedStream(IterableDataset[Batch]):
                 raise ValueError(f"state_dict: {key} {state[key]!r} does not match this stream's {mine!r}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    # -- shared memory -------------------------------------------------------------------------------
+    def _segment_pool(self) -> _Segments | None:
+        """The segment pool, sized for one batch of this dataset and spec (None: sizes unknown)."""
+        if not self.shared_memory or self.dataset is None:
+            return None
+        if self._segments is None:
+            shape = [int(d) for d in self.client.dataset_info(self.dataset).get("image_shape") or []]
+            size = self.spec.output_size or (tuple(shape[:2]) if len(shape) == 3 else None)
+            if size is None:
+                self.shared_memory = False
+                return None
+            channels = shape[2] if len(shape) == 3 else 3
+            nbytes = self.batch_size * size[0] * size[1] * channels
+            # Enough to keep every call's segments, the prefetched batches and a few held by the
+            # consumer without creating new ones each epoch.
+            self._segments = _Segments(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
+            weakref.finalize(self, self._segments.close)
+        return self._segments
+
+    def _from_segment(self, segments: _Segments, shm: SharedMemory, msg: pb.Batch) -> Batch:
+        shape = tuple(int(d) for d in msg.images.shape)
+        if len(shape) != 4 or msg.images.dtype != "uint8" or math.prod(shape) > shm.size:
+            raise StreamError(f"batch {msg.batch_index}: shape {list(shape)} {msg.images.dtype!r} does not fit "
+                              f"the {shm.size}-byte segment it was written to")
+        if self.channels_last:
+            return _to_torch(segments.view(shm, shape), msg.labels, msg.sample_ids, channels_last=True, owned=True)
+        try:
+            return _to_torch(np.ndarray(shape, np.uint8, buffer=shm.buf), msg.labels, msg.sample_ids,
+                             channels_last=False)
+        finally:
+            segments.release(shm)
+
+    def _stream_request(self, chunk: list[int], segments: list[str]) -> bytes:
+        """StreamBatchesRequest bytes for `chunk`: the part that is the same for the whole epoch
+        (spec, population: up to megabytes) is serialized once per epoch; protobuf reads the two
+        concatenated parts as one message."""
+        if self._request_head is None or self._request_head[0] != self.epoch:
+            head = pb.StreamBatchesRequest(
+                dataset=self.dataset, spec=self.spec.to_proto(), seed=self.seed, epoch=self.epoch,
+                batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last, backend=self.backend,
+                sample_ids=[] if self._whole_dataset else self.population.tolist())
+            self._request_head = (self.epoch, head.SerializeToString())
+        tail = pb.StreamBatchesRequest(start=chunk[0], end=chunk[-1] + 1, stride=self.world_size,
+                                       shm_segments=segments)
+        data: bytes = self._request_head[1] + tail.SerializeToString()
+        return data
+
+    def _count(self, how: str) -> None:
+        with self._received_lock:
+            self.received[how] += 1
+
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan()
@@ -138,21 +267,38 @@ class AugmentedStream(IterableDataset[Batch]):
     def _fetch(self, endpoint: int, chunk: list[int], plan: list[np.ndarray],
                deliver: Any, calls: list[Any]) -> None:
         if self._arrays is None:
-            request = pb.StreamBatchesRequest(
-                dataset=self.dataset, spec=self.spec.to_proto(), seed=self.seed, epoch=self.epoch,
-                batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
-                sample_ids=self.population.tolist(), start=chunk[0], end=chunk[-1] + 1,
-                stride=self.world_size, backend=self.backend)
-            call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
-            calls.append(call)
+            segments = self._segment_pool()
+            offered = {shm.name: shm for shm in segments.acquire(len(chunk))} if segments else {}
+            request = self._stream_request(chunk, list(offered))
+            completed = False
             try:
-                for msg, pixels in call:
-                    k = int(msg.batch_index)
-                    if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
-                        raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
-                    deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids))
+                call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
+                calls.append(call)
+                try:
+                    for msg, pixels in call:
+                        k = int(msg.batch_index)
+                        if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
+                            raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
+                        if pixels is not None:
+                            self._count("inline")
+                            deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids,
+                                                 channels_last=self.channels_last))
+                            continue
+                        shm = offered.pop(msg.shm_segment, None)
+                        if shm is None or segments is None:
+                            raise StreamError(f"batch {k}: the server wrote to segment {msg.shm_segment!r}, "
+                                              "which this call did not offer")
+                        self._count("shared_memory")
+                        deliver(k, self._from_segment(segments, shm, msg))
+                finally:
+                    calls.remove(call)  # only live calls are kept (for cancelling), not one per chunk
+                completed = True
             finally:
-                calls.remove(call)  # only live calls are kept (for cancelling), not one per chunk
+                for shm in offered.values():  # not written (inline replies) if the call completed
+                    if completed and segments is not None:
+                        segments.release(shm)
+                    else:
+                        _Segments.discard(shm)
             return
         images, labels = self._arrays
         spec_msg = self.spec.to_proto()
@@ -168,7 +314,8 @@ class AugmentedStream(IterableDataset[Batch]):
         try:
             for msg, pixels in call:
                 k = int(msg.tag)
-                deliver(k, _to_torch(pixels, labels[plan[k]], plan[k]))
+                self._count("inline")
+                deliver(k, _to_torch(pixels, labels[plan[k]], plan[k], channels_last=self.channels_last))
         finally:
             calls.remove(call)
 

@@ -188,7 +188,7 @@ class AugmentResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "spec", "seed", "epoch", "batch_size", "shuffle", "drop_last", "sample_ids", "start", "end", "stride", "backend")
+    __slots__ = ("dataset", "spec", "seed", "epoch", "batch_size", "shuffle", "drop_last", "sample_ids", "start", "end", "stride", "backend", "shm_segments")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class StreamBatchesRequest(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     spec: Pipeline
     seed: int
@@ -213,21 +214,24 @@ class StreamBatchesRequest(_message.Message):
     end: int
     stride: int
     backend: str
-    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[Pipeline, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., stride: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    shm_segments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[Pipeline, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., stride: _Optional[int] = ..., backend: _Optional[str] = ..., shm_segments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("epoch", "batch_index", "images", "labels", "sample_ids")
+    __slots__ = ("epoch", "batch_index", "images", "labels", "sample_ids", "shm_segment")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     batch_index: int
     images: Tensor
     labels: _containers.RepeatedScalarFieldContainer[int]
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    shm_segment: str
+    def __init__(self, epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., shm_segment: _Optional[str] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()

@@ -284,7 +284,9 @@ def test_the_right_token_works_and_health_needs_none(
 # -- no filesystem paths on the wire ---------------------------------------------------------------
 
 #: The only string fields a request may carry: names and enum-like choices, never a path.
-NAME_FIELDS = {"dataset", "backend", "dtype", "border"}
+#: shm_segments are POSIX shared-memory names the client created; the server accepts only the
+#: augsvc_client_<pid>_<hex>_<tag> form (tests/test_shm_path.py refuses paths and other names).
+NAME_FIELDS = {"dataset", "backend", "dtype", "border", "shm_segments"}
 REQUESTS = [pb.AugmentRequest, pb.StreamBatchesRequest, pb.ListDatasetsRequest, pb.ServerInfoRequest]
 
 
