@@ -91,10 +91,18 @@ def _train_step_factory(enabled: bool) -> Any:
     return step
 
 
-def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step: bool) -> dict[str, Any]:
+def default_count(side: int, batch: int) -> int:
+    """Images in the benchmark's dataset: CIFAR-sized (50,000) at small sides, where an epoch of
+    a few batches would mostly measure the pipeline draining at each epoch's end (for every
+    candidate); 2,048 (300 MB) at large sides."""
+    return max(4 * batch, 50_000 if side <= 64 else 2048)
+
+
+def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step: bool,
+             count: int | None = None) -> dict[str, Any]:
     from augsvc.bench.common import BENCH_SPEC
 
-    count = max(4 * batch, 1024 if side <= 64 else 256)
+    count = count or default_count(side, batch)
     images = sample_images(count, side)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "bench.npz")
@@ -126,7 +134,7 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
         # (c) the engine in W processes
         ceiling = engine_rate(path, workers, batch, seconds)
     load_spec(BENCH_SPEC)
-    return {"side": side, "batch": batch, "workers": workers, "train_step": train_step,
+    return {"side": side, "batch": batch, "workers": workers, "train_step": train_step, "images": count,
             "dataloader": dataloader, "augsvc": service, "engine": ceiling,
             "augsvc_vs_dataloader": service / dataloader, "augsvc_vs_engine": service / ceiling,
             "epochs": epoch[0], "memory": memory}
@@ -139,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--images", type=int, help="dataset size (default: 50,000 at sides <= 64, else 2,048)")
     parser.add_argument("--train-step", action="store_true", help="a small CNN step on every batch")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = [run_side(s, workers=args.workers, batch=args.batch, seconds=args.seconds,
-                     train_step=args.train_step) for s in args.sides]
+                     train_step=args.train_step, count=args.images) for s in args.sides]
     print(f"end to end, images/s into the training loop, W={args.workers}, batch {args.batch} ({machine()})")
     print(f"{'side':>5} {'(a) DataLoader':>15} {'(b) augsvc':>11} {'(c) engine':>11} {'b/a':>6} {'b/c':>6} "
           f"{'server MB first->last':>22} {'client MB first->last':>22}")

@@ -1,7 +1,9 @@
 """`augsvc bench service`: images/s that one client receives from a 2-worker server (StreamBatches
 over a served dataset) against images/s of the engine itself in 2 local processes — same spec,
 same images, same batch size, same run. The ratio is the service's overhead: transport, the
-hand-off to workers, and the client's decoding."""
+hand-off to workers, and the client's decoding. Two ways to receive: pixels in the gRPC stream
+(any client, any host), and the shared-memory path a client on the server's host gets (the
+workers write into segments the client offers; the stream carries labels, ids and shapes)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import argparse
 import multiprocessing as mp
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
+from ..shm import create_segment, release_segment
 from ..spec import load_spec
 from ..v1 import augment_pb2 as pb
 from ..wire import parse_reply
@@ -51,23 +55,37 @@ def engine_rate(path: str, processes: int, batch: int, seconds: float) -> float:
     return float(sum(rates))
 
 
-def service_rate(target: str, batch: int, seconds: float, num_samples: int) -> float:
-    """Images/s one client receives from StreamBatches, epoch after epoch, as numpy arrays."""
+def service_rate(target: str, batch: int, seconds: float, num_samples: int, *, shared_memory: bool = False,
+                 batch_bytes: int = 0) -> float:
+    """Images/s one client receives from StreamBatches, epoch after epoch, as numpy arrays (views
+    of the received messages, or of this client's segments with `shared_memory`)."""
     options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.lookahead_bytes", 8 << 20)]
-    with grpc.insecure_channel(target, options=options) as channel:
-        # The client library's path: replies parsed without copying the pixels (augsvc.wire).
-        stream = channel.unary_stream("/augsvc.v1.Augmenter/StreamBatches",
-                                      request_serializer=pb.StreamBatchesRequest.SerializeToString,
-                                      response_deserializer=parse_reply)
-        spec = load_spec(BENCH_SPEC).to_proto()
-        n, epoch, start = 0, 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            request = pb.StreamBatchesRequest(dataset="bench", spec=spec, seed=0, epoch=epoch, batch_size=batch,
-                                              drop_last=True)
-            for _msg, images in stream(request):
-                n += len(images)
-            epoch += 1
-        return n / (time.perf_counter() - start)
+    batches = num_samples // batch
+    # One segment per batch of an epoch, reused epoch after epoch: a finished call wrote them all.
+    segments = [create_segment(batch_bytes, "batch", reserve=True, client=True)
+                for _ in range(batches if shared_memory else 0)]
+    by_name = {s.name: s for s in segments}
+    try:
+        with grpc.insecure_channel(target, options=options) as channel:
+            # The client library's path: replies parsed without copying the pixels (augsvc.wire).
+            stream = channel.unary_stream("/augsvc.v1.Augmenter/StreamBatches",
+                                          request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                                          response_deserializer=parse_reply)
+            spec = load_spec(BENCH_SPEC).to_proto()
+            n, epoch, start = 0, 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                request = pb.StreamBatchesRequest(dataset="bench", spec=spec, seed=0, epoch=epoch, batch_size=batch,
+                                                  drop_last=True, shm_segments=list(by_name))
+                for msg, images in stream(request):
+                    if images is None:
+                        images = np.ndarray(tuple(msg.images.shape), np.uint8, buffer=by_name[msg.shm_segment].buf)
+                    n += len(images)
+                    del images
+                epoch += 1
+            return n / (time.perf_counter() - start)
+    finally:
+        for shm in segments:
+            release_segment(shm, unlink=True)
 
 
 def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, int]) -> list[dict[str, Any]]:
@@ -85,13 +103,18 @@ def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, in
                                       max_batch_bytes=max(64 << 20, batch * side * side * 3 * 2))
             server, port = create_server("127.0.0.1:0", settings)
             server.start()
+            rate = partial(service_rate, f"127.0.0.1:{port}", batch, num_samples=count,
+                           batch_bytes=batch * side * side * 3)
             try:
-                service_rate(f"127.0.0.1:{port}", batch, min(2.0, seconds), count)  # warm-up
-                remote = service_rate(f"127.0.0.1:{port}", batch, seconds, count)
+                rate(min(2.0, seconds))  # warm-up
+                remote = rate(seconds)
+                rate(min(2.0, seconds), shared_memory=True)
+                remote_shm = rate(seconds, shared_memory=True)
             finally:
                 server.stop(0)
             rows.append({"side": side, "batch": batch, "workers": workers, "service": remote,
-                         "engine_local": local, "ratio": remote / local})
+                         "service_shm": remote_shm, "engine_local": local, "ratio": remote / local,
+                         "ratio_shm": remote_shm / local})
     return rows
 
 
@@ -107,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.sides, workers=args.workers, seconds=args.seconds,
                batches={32: args.batch_32, 224: args.batch_224})
     print(f"service vs engine, {args.workers} workers vs {args.workers} local engine processes ({machine()})")
-    print(f"{'side':>5} {'batch':>6} {'service img/s':>14} {'engine img/s':>13} {'ratio':>7}")
+    print(f"{'side':>5} {'batch':>6} {'engine img/s':>13} {'service (gRPC bytes)':>21} {'ratio':>6} "
+          f"{'service (shared memory)':>24} {'ratio':>6}")
     for r in rows:
-        print(f"{r['side']:>5} {r['batch']:>6} {r['service']:>14.0f} {r['engine_local']:>13.0f} {r['ratio']:>7.2f}")
+        print(f"{r['side']:>5} {r['batch']:>6} {r['engine_local']:>13.0f} {r['service']:>21.0f} {r['ratio']:>6.2f} "
+              f"{r['service_shm']:>24.0f} {r['ratio_shm']:>6.2f}")
     write_json(args.json, {"benchmark": "service", "rows": rows})
     return 0
