@@ -131,13 +131,14 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
             _consume(epochs, min(2.0, seconds / 2), step)
             service = _consume(epochs, seconds, step)
             memory.append({"epoch": epoch[0] + 1, "server_mb": rss_mb(server.pid), "client_mb": rss_mb()})
+            received = dict(stream.received)  # how the batches came: shared memory or inline
         # (c) the engine in W processes
         ceiling = engine_rate(path, workers, batch, seconds)
     load_spec(BENCH_SPEC)
     return {"side": side, "batch": batch, "workers": workers, "train_step": train_step, "images": count,
             "dataloader": dataloader, "augsvc": service, "engine": ceiling,
             "augsvc_vs_dataloader": service / dataloader, "augsvc_vs_engine": service / ceiling,
-            "epochs": epoch[0], "memory": memory}
+            "epochs": epoch[0], "received": received, "memory": memory}
 
 
 def main(argv: list[str] | None = None) -> int:

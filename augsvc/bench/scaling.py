@@ -1,5 +1,6 @@
 """`augsvc bench scaling`: how cost grows — images/s and megapixels/s one client receives from a
-local server, for image sides 32..224 and 1..W workers (StreamBatches, the standard pipeline).
+local server, for image sides 32..224 and 1..W workers (StreamBatches, the standard pipeline), with
+pixels through shared memory (a client on the server's host) and in the gRPC stream (any client).
 Prints a table, writes JSON and, with --plot, a PNG."""
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     ax_img, ax_pix = fig.subplots(1, 2)
-    for workers in sorted({r["workers"] for r in rows}):
+    for i, workers in enumerate(sorted({r["workers"] for r in rows})):
         rs = [r for r in rows if r["workers"] == workers]
         sides = [r["side"] for r in rs]
-        ax_img.plot(sides, [r["service"] for r in rs], "o-", label=f"{workers} worker(s)")
-        ax_pix.plot(sides, [r["service"] * r["side"] ** 2 / 1e6 for r in rs], "o-", label=f"{workers} worker(s)")
+        for key, style, how in (("service_shm", "o-", "shared memory"), ("service", "s--", "gRPC bytes")):
+            label = f"{workers} worker(s), {how}"
+            ax_img.plot(sides, [r[key] for r in rs], style, color=f"C{i}", label=label)
+            ax_pix.plot(sides, [r[key] * r["side"] ** 2 / 1e6 for r in rs], style, color=f"C{i}", label=label)
     ax_img.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel="images/s received",
                title="images/s vs image side")
     ax_pix.set(xscale="log", xlabel="image side (px)", ylabel="megapixels/s", title="pixel throughput")
@@ -31,7 +34,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.minorticks_off()
         ax.set_xticks(sorted({r["side"] for r in rows}), labels=[str(s) for s in sorted({r["side"] for r in rows})])
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
 
 
@@ -47,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for w in args.workers for r in service_run(args.sides, workers=w, seconds=args.seconds,
                                                            batches=batches)]
     print(f"cost vs image side and workers, one client, StreamBatches ({machine()})")
-    print(f"{'workers':>8} {'side':>5} {'images/s':>10} {'MPix/s':>8} {'us/image/worker':>16} {'vs engine':>10}")
+    print("shared memory: pixels through segments the client offers; bytes: pixels in the gRPC stream")
+    print(f"{'workers':>8} {'side':>5} {'images/s shm':>13} {'MPix/s':>8} {'us/image/worker':>16} {'vs engine':>10} "
+          f"{'images/s bytes':>15} {'vs engine':>10}")
     for r in rows:
-        print(f"{r['workers']:>8} {r['side']:>5} {r['service']:>10.0f} {r['service'] * r['side'] ** 2 / 1e6:>8.1f} "
-              f"{1e6 * r['workers'] / r['service']:>16.0f} {r['ratio']:>10.2f}")
+        print(f"{r['workers']:>8} {r['side']:>5} {r['service_shm']:>13.0f} "
+              f"{r['service_shm'] * r['side'] ** 2 / 1e6:>8.1f} {1e6 * r['workers'] / r['service_shm']:>16.0f} "
+              f"{r['ratio_shm']:>10.2f} {r['service']:>15.0f} {r['ratio']:>10.2f}")
     write_json(args.json, {"benchmark": "scaling", "rows": rows})
     if args.plot:
         plot(rows, args.plot)
