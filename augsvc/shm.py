@@ -57,9 +57,22 @@ def create_segment(size: int, tag: str, *, reserve: bool, client: bool = False) 
         prefix = CLIENT_SEGMENT_PREFIX if client else SEGMENT_PREFIX
         name = f"{prefix}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
         try:
-            return SharedMemory(name=name, create=True, size=size)
+            shm = SharedMemory(name=name, create=True, size=size)
         except FileExistsError:
             continue
+        if client:
+            _allocate(shm)
+        return shm
+
+
+def _allocate(shm: SharedMemory) -> None:
+    """Give a client segment its pages now: a server's worker writes into it, and a page that
+    tmpfs cannot supply would kill that worker with SIGBUS instead of failing here."""
+    try:
+        os.posix_fallocate(shm._fd, 0, shm.size)  # type: ignore[attr-defined]
+    except OSError as exc:
+        release_segment(shm, unlink=True)
+        raise LimitExceededError(f"shared memory: /dev/shm cannot hold a {shm.size}-byte segment ({exc})") from exc
 
 
 _register_lock = threading.Lock()

@@ -135,6 +135,10 @@ class _Worker:
         if shm is None:
             if not is_client_segment(name):
                 return None
+            # Clients come and go: let go of segments their owners have unlinked, whose memory
+            # this mapping would otherwise keep alive.
+            for gone in [n for n in self.client_segments if not os.path.exists(f"/dev/shm/{n}")]:
+                release_segment(self.client_segments.pop(gone), unlink=False)
             try:
                 shm = attach_segment(name)
             except (OSError, ValueError):  # gone, another user's, or another host's name

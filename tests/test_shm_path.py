@@ -202,3 +202,45 @@ def test_worker_killed_mid_batch_with_shared_memory(served: Served, digits: np.n
         want = augment_batch(digits[p], SPEC, seed=SLOW_SEED, epoch=0, sample_ids=p)
         assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), want)
     assert served.health() == "SERVING"
+
+
+def test_full_dev_shm_falls_back_to_inline(served: Served, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """Segments get their pages when created (a worker writing into a page tmpfs cannot supply
+    would die of SIGBUS); when /dev/shm is full the stream warns and receives inline."""
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with AugmentClient(served.target) as client:
+        stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
+        with pytest.warns(ResourceWarning, match="no shared memory"):
+            got = [x.permute(0, 2, 3, 1).numpy().copy() for x, _, _ in stream]
+        assert stream.received == {"shared_memory": 0, "inline": len(got)}
+    for g, w in zip(got, expected(digits, 0), strict=True):
+        assert np.array_equal(g, w)
+    assert my_client_segments() == []
+
+
+def worker_mapped_client_segments(served: Served) -> set[str]:
+    names = set()
+    for pid in served.server.pool.pids():
+        if pid is None:
+            continue
+        with open(f"/proc/{pid}/maps") as f:
+            names |= {line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" + CLIENT_SEGMENT_PREFIX in line}
+    return names
+
+
+def test_workers_let_go_of_segments_whose_client_left(served: Served) -> None:
+    with AugmentClient(served.target) as client:
+        first = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
+        assert sum(1 for _ in first) == first.received["shared_memory"] > 0
+        old = worker_mapped_client_segments(served)
+        assert old, "the workers attached the first stream's segments"
+        del first
+        gc.collect()  # the first stream's segments are unlinked now
+        second = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
+        assert sum(1 for _ in second) == second.received["shared_memory"] > 0
+        now = worker_mapped_client_segments(served)
+    assert now and not now & old

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from augsvc.errors import LimitExceededError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
 from augsvc.shm import create_segment, release_segment
@@ -78,10 +80,17 @@ class _Segments:
         self._closed = False
 
     def acquire(self, count: int) -> list[SharedMemory]:
+        """`count` segments; LimitExceededError (with none taken) when /dev/shm is full."""
         with self._lock:
             taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
-        return taken + [create_segment(self.nbytes, "batch", reserve=False, client=True)
-                        for _ in range(count - len(taken))]
+        try:
+            while len(taken) < count:
+                taken.append(create_segment(self.nbytes, "batch", reserve=True, client=True))
+        except Exception:
+            for shm in taken:
+                self.release(shm)
+            raise
+        return taken
 
     def release(self, shm: SharedMemory) -> None:
         with self._lock:
@@ -268,7 +277,14 @@ class AugmentedStream(IterableDataset[Batch]):
                deliver: Any, calls: list[Any]) -> None:
         if self._arrays is None:
             segments = self._segment_pool()
-            offered = {shm.name: shm for shm in segments.acquire(len(chunk))} if segments else {}
+            offered: dict[str, SharedMemory] = {}
+            if segments is not None:
+                try:
+                    offered = {shm.name: shm for shm in segments.acquire(len(chunk))}
+                except (LimitExceededError, OSError) as exc:
+                    warnings.warn(f"augsvc: no shared memory for batches ({exc}); receiving them inline",
+                                  ResourceWarning, stacklevel=2)
+                    self.shared_memory = False
             request = self._stream_request(chunk, list(offered))
             completed = False
             try:
