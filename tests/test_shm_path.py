@@ -228,7 +228,8 @@ def worker_mapped_client_segments(served: Served) -> set[str]:
         if pid is None:
             continue
         with open(f"/proc/{pid}/maps") as f:
-            names |= {line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" + CLIENT_SEGMENT_PREFIX in line}
+            mapped = (line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" in line)
+            names |= {n for n in mapped if n.startswith(CLIENT_SEGMENT_PREFIX)}
     return names
 
 
