@@ -245,3 +245,14 @@ def test_workers_let_go_of_segments_whose_client_left(served: Served) -> None:
         assert sum(1 for _ in second) == second.received["shared_memory"] > 0
         now = worker_mapped_client_segments(served)
     assert now and not now & old
+
+
+@pytest.mark.parametrize("peer, local", [
+    ("unix:/tmp/augsvc.sock", True), ("unix:", True), ("ipv4:127.0.0.1:50051", True),
+    ("ipv4:127.8.9.10:1", True), ("ipv6:[::1]:50051", True), ("ipv4:10.0.0.7:50051", False),
+    ("ipv6:[2001:db8::1]:443", False), ("ipv4:localhost.evil.com:1", False), ("", False), ("dns:x", False),
+])
+def test_only_unix_and_loopback_peers_count_as_local(peer: str, local: bool) -> None:
+    from augsvc.security import is_local_peer
+
+    assert is_local_peer(peer) is local
