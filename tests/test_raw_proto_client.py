@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.data import served_digits
 from helpers.servers import Served, serve, subprocess_env
 
 import augsvc
 from augsvc import augment_batch, epoch_batches, load_spec
-from augsvc.datasets import attach, load_dataset
 from augsvc.server import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +89,7 @@ def received(servers: dict[str, Served], tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def digits() -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The digits as the server defines them, loaded independently of the servers under test."""
-    with load_dataset("reference", "builtin:digits") as ds:
-        reader = attach(ds.handle())
-        try:
-            yield reader.gather(np.arange(ds.num_samples)).copy(), ds.labels.copy()
-        finally:
-            reader.close()
+    yield served_digits()
 
 
 def load(received: dict[str, Any], name: str) -> np.ndarray:

@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from helpers.data import served_digits
 from helpers.servers import SEGMENT_PREFIX, Served, serve, wait_until
 
 from augsvc import augment_batch, epoch_batches, load_spec
-from augsvc.datasets import attach, load_dataset
 from augsvc.server import ServerSettings
 from augsvc.shm import CLIENT_SEGMENT_PREFIX, create_segment, is_client_segment, release_segment
 from augsvc.v1 import augment_pb2 as pb
@@ -35,12 +35,7 @@ TIMEOUT = 30.0
 
 @pytest.fixture(scope="module")
 def digits() -> Iterator[np.ndarray]:
-    ds = load_dataset("digits", "builtin:digits")
-    reader = attach(ds.handle())
-    images = np.array(reader.gather(np.arange(ds.num_samples)))
-    reader.close()
-    ds.close()
-    yield images
+    yield served_digits()[0]
 
 
 @pytest.fixture(scope="module")

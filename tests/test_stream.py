@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from helpers.data import served_digits
 
 from augsvc import augment_batch, epoch_batches, load_spec
-from augsvc.datasets import attach, load_dataset
 from augsvc.server import ServerSettings, create_server
 from trainer_client import AugmentClient, AugmentedStream, StreamError
 from trainer_client.embedded import EmbeddedServer
@@ -27,12 +27,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def digits() -> Iterator[np.ndarray]:
-    ds = load_dataset("digits", "builtin:digits")
-    reader = attach(ds.handle())
-    images = np.array(reader.gather(np.arange(ds.num_samples)))
-    reader.close()
-    ds.close()
-    yield images
+    yield served_digits()[0]
 
 
 @pytest.fixture(scope="module")

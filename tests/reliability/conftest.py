@@ -10,7 +10,6 @@ The options are read with defaults, so they also work when this folder is collec
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,14 +97,6 @@ def budget(pytestconfig: pytest.Config) -> Budget:
 @pytest.fixture(scope="session")
 def digits_pixels() -> Iterator[np.ndarray]:
     """The served `builtin:digits` pixels (N, 32, 32, 1), read the way a worker reads them."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from augsvc.datasets import attach, load_dataset
+    from helpers.data import served_digits
 
-    ds = load_dataset("digits", "builtin:digits")
-    reader = attach(ds.handle())
-    try:
-        images = np.array(reader.gather(np.arange(ds.num_samples)))
-    finally:
-        reader.close()
-        ds.close()
-    yield images
+    yield served_digits()[0]
