@@ -8,6 +8,7 @@ the gRPC server, so no process is forked once gRPC threads exist.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -226,7 +227,13 @@ def _backend(name: str) -> str:
 
 
 def _spec(msg: pb.Pipeline) -> Spec:
-    return Spec.from_proto(msg)
+    """The validated Spec of a request; a trainer sends the same spec with every call."""
+    return _spec_of_bytes(msg.SerializeToString(deterministic=True))
+
+
+@functools.lru_cache(maxsize=64)  # only valid specs are kept: a SpecError is raised, not cached
+def _spec_of_bytes(data: bytes) -> Spec:
+    return Spec.from_proto(pb.Pipeline.FromString(data))
 
 
 class AugmenterServicer(pb_grpc.AugmenterServicer):
