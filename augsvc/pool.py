@@ -259,11 +259,12 @@ class WorkerPool:
 
     def submit_batch(self, dataset: str, sample_ids: Any, spec_bytes: bytes, *, seed: int, epoch: int,
                      backend: str = "fused", finish: Finish | None = None,
-                     out_segment: str | None = None) -> Future[Any]:
+                     out_segment: tuple[str, bytes] | None = None) -> Future[Any]:
         """Augment samples of a served dataset; the worker reads them from shared memory.
         The Future's result is (images, labels), or finish(view of the output, labels, segment).
-        out_segment (with `finish` only): a client segment (`augsvc.shm.is_client_segment`) the
-        worker writes the pixels into when it can; `finish` learns whether it did."""
+        out_segment (with `finish` only): (name, token) of a client segment
+        (`augsvc.shm.create_client_segment`) the worker writes the pixels into when it can;
+        `finish` learns whether it did."""
         ds = self._datasets.get(dataset)
         if ds is None:
             served = ", ".join(sorted(self._datasets)) or "none"
@@ -274,8 +275,8 @@ class WorkerPool:
         meta = {"dataset": dataset, "spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
                 "sample_ids": ids, "backend": backend, "channels": ds.channels}
         if out_segment is not None:
-            if finish is None or not is_client_segment(out_segment):
-                raise InvalidInputError(f"out_segment: {out_segment!r} is not a client segment name "
+            if finish is None or not is_client_segment(out_segment[0]):
+                raise InvalidInputError(f"out_segment: {out_segment[0]!r} is not a client segment name "
                                         "(or no finish hook was given)")
             meta["out_segment"] = out_segment
         return self._submit(_Job("batch", meta, None, Future(), labels=ds.labels[ids], finish=finish))

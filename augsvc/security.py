@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def is_local_address(address: str) -> bool:
 def is_local_peer(peer: str) -> bool:
     """True when a call's peer (`ServicerContext.peer()`: "unix:...", "ipv4:127.0.0.1:5000",
     "ipv6:[::1]:5000") is on this host by way of a unix socket or loopback."""
+    peer = urllib.parse.unquote(peer)  # grpcio writes "ipv6:%5B::1%5D:5000"
     for scheme in ("ipv4:", "ipv6:"):
         if peer.startswith(scheme):
             return is_local_address(peer[len(scheme):])

@@ -41,12 +41,12 @@ from .metrics import ServerMetrics
 from .plan import epoch_permutation, num_batches
 from .pool import WorkerPool, default_workers
 from .security import TokenInterceptor, is_local_address, is_local_peer, server_credentials
-from .shm import CLIENT_SEGMENT_PREFIX, is_client_segment
+from .shm import CLIENT_SEGMENT_PREFIX, CLIENT_TOKEN_BYTES, is_client_segment
 from .spec import Spec
 from .tensors import decode_tensor
 from .v1 import augment_pb2 as pb
 from .v1 import augment_pb2_grpc as pb_grpc
-from .wire import augment_response_bytes, batch_bytes, batch_shm_bytes, serialize, split_field
+from .wire import TooManyFields, augment_response_bytes, batch_bytes, batch_shm_bytes, serialize, split_field
 
 log = logging.getLogger("augsvc.server")
 
@@ -130,15 +130,21 @@ class MalformedRequest:
 class StreamBatchesCall:
     """A StreamBatchesRequest without its population, which stays encoded (`ids_field`: the
     sample_ids field's bytes) so that the many calls of one epoch find its plan in `_PlanCache`
-    without decoding and permuting a large population again."""
+    without decoding and permuting a large population again. `ids_field` None: the message
+    keeps its ids (an unusual encoding, parsed by protobuf alone; its plan is not cached)."""
 
     message: pb.StreamBatchesRequest
-    ids_field: bytes
+    ids_field: bytes | None
 
     @classmethod
     def of(cls, request: pb.StreamBatchesRequest) -> StreamBatchesCall:
         rest, ids = split_field(request.SerializeToString(), _SAMPLE_IDS_FIELD)
         return cls(pb.StreamBatchesRequest.FromString(rest), ids)
+
+    def sample_ids(self) -> Any:
+        if self.ids_field is None:
+            return self.message.sample_ids
+        return pb.StreamBatchesRequest.FromString(self.ids_field).sample_ids
 
 
 _SAMPLE_IDS_FIELD = pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name["sample_ids"].number
@@ -146,7 +152,10 @@ _SAMPLE_IDS_FIELD = pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name["sample_id
 
 def _parse_stream_batches(data: bytes) -> StreamBatchesCall | MalformedRequest:
     try:
-        rest, ids = split_field(data, _SAMPLE_IDS_FIELD)
+        try:
+            rest, ids = split_field(data, _SAMPLE_IDS_FIELD)
+        except TooManyFields:
+            return StreamBatchesCall(pb.StreamBatchesRequest.FromString(data), None)
         pb.StreamBatchesRequest.FromString(ids)  # a malformed population is refused up front
         return StreamBatchesCall(pb.StreamBatchesRequest.FromString(rest), ids)
     except Exception:  # noqa: BLE001 - DecodeError, ValueError from split_field
@@ -389,11 +398,12 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         def plan() -> np.ndarray:
             # epoch_batches without its list: batch k is a view of one permutation, so a population
             # of millions of ids costs one int64 array, not an array object per batch.
-            ids = pb.StreamBatchesRequest.FromString(call.ids_field).sample_ids
+            ids = call.sample_ids()
             population = check_sample_ids(np.array(ids, np.uint64), ds.num_samples) if ids else ds.num_samples
             return epoch_permutation(population, seed=request.seed, epoch=request.epoch, shuffle=shuffle)
 
-        order = self._plans.get((ds.name, call.ids_field, request.seed, request.epoch, shuffle), plan)
+        order = (plan() if call.ids_field is None else
+                 self._plans.get((ds.name, call.ids_field, request.seed, request.epoch, shuffle), plan))
         size = request.batch_size
         count = num_batches(order.size, size, drop_last=request.drop_last)
         end = request.end if request.HasField("end") else count
@@ -428,24 +438,28 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
                 fut.cancel()
 
     def _client_segments(self, request: pb.StreamBatchesRequest, count: int, context: grpc.ServicerContext
-                         ) -> list[str]:
-        """The request's shm_segments, checked; empty (pixels inline) unless this server allows the
-        shared-memory path and the peer is on this host (unix socket or loopback)."""
-        names = list(request.shm_segments)
-        if not names:
+                         ) -> list[tuple[str, bytes]]:
+        """The request's shm_segments as (name, token), checked; empty (pixels inline) unless this
+        server allows the shared-memory path and the peer is on this host (unix socket or
+        loopback). Workers check each segment's token and size again before writing."""
+        segments = [(s.name, s.token) for s in request.shm_segments]
+        if not segments:
             return []
-        if len(names) != count:
-            raise InvalidInputError(f"shm_segments: {len(names)} names for the {count} batches of this call; "
-                                    "expected one per batch, or none")
-        bad = next((n for n in names if not is_client_segment(n)), None)
-        if bad is not None:
-            raise InvalidInputError(f"shm_segments: {bad[:80]!r} is not a client segment name; expected "
-                                    f"{CLIENT_SEGMENT_PREFIX}<pid>_<8 hex digits>_<tag>")
-        if len(set(names)) != len(names):
+        if len(segments) != count:
+            raise InvalidInputError(f"shm_segments: {len(segments)} segments for the {count} batches of this "
+                                    "call; expected one per batch, or none")
+        for j, (name, token) in enumerate(segments):
+            if not is_client_segment(name):
+                raise InvalidInputError(f"shm_segments[{j}].name: {name[:80]!r} is not a client segment name; "
+                                        f"expected {CLIENT_SEGMENT_PREFIX}<pid>_<8 hex digits>_<tag>")
+            if len(token) != CLIENT_TOKEN_BYTES:
+                raise InvalidInputError(f"shm_segments[{j}].token: {len(token)} bytes; expected "
+                                        f"{CLIENT_TOKEN_BYTES}")
+        if len({name for name, _ in segments}) != len(segments):
             raise InvalidInputError("shm_segments: a name appears twice; expected one segment per batch")
         if not (self._settings.shared_memory and is_local_peer(context.peer())):
             return []
-        return names
+        return segments
 
     def _check_batch_bytes(self, ds: Dataset, spec: Spec, batch_size: int) -> None:
         size = spec.output_size or (ds.image_shape[:2] if ds.image_shape else None)

@@ -10,20 +10,26 @@ replies into (StreamBatchesRequest.shm_segments).
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import warnings
 from collections.abc import Sized
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from typing import cast
+
+import numpy as np
 
 from .errors import LimitExceededError
 
-__all__ = ["CLIENT_SEGMENT_PREFIX", "SEGMENT_PREFIX", "attach_segment", "create_segment",
-           "is_client_segment", "release_segment"]
+__all__ = ["CLIENT_HEADER_BYTES", "CLIENT_SEGMENT_PREFIX", "CLIENT_TOKEN_BYTES", "SEGMENT_PREFIX", "attach_segment",
+           "client_pixels", "create_client_segment", "create_segment", "is_client_segment", "is_unlinked",
+           "release_segment", "usable_client_segment"]
 
 #: Every segment augsvc creates is named ``augsvc_<creator pid>_<random>_<tag>``.
 SEGMENT_PREFIX = "augsvc_"
@@ -68,11 +74,58 @@ def create_segment(size: int, tag: str, *, reserve: bool, client: bool = False) 
 def _allocate(shm: SharedMemory) -> None:
     """Give a client segment its pages now: a server's worker writes into it, and a page that
     tmpfs cannot supply would kill that worker with SIGBUS instead of failing here."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # not Linux: no shared-memory reply path
+        release_segment(shm, unlink=True)
+        raise LimitExceededError("shared memory: posix_fallocate is not available on this platform")
     try:
-        os.posix_fallocate(shm._fd, 0, shm.size)  # type: ignore[attr-defined]
+        fallocate(shm._fd, 0, shm.size)  # type: ignore[attr-defined]
     except OSError as exc:
         release_segment(shm, unlink=True)
         raise LimitExceededError(f"shared memory: /dev/shm cannot hold a {shm.size}-byte segment ({exc})") from exc
+
+
+#: A client segment starts with this many header bytes (its token first); pixels follow.
+CLIENT_HEADER_BYTES = 64
+CLIENT_TOKEN_BYTES = 16
+
+
+def create_client_segment(nbytes: int) -> tuple[SharedMemory, bytes]:
+    """A segment for `nbytes` of batch pixels that a server on this host may write into, and its
+    token: random bytes written into the header, which the server must be told to use it."""
+    shm = create_segment(CLIENT_HEADER_BYTES + nbytes, "batch", reserve=True, client=True)
+    token = secrets.token_bytes(CLIENT_TOKEN_BYTES)
+    cast(memoryview, shm.buf)[:CLIENT_TOKEN_BYTES] = token
+    return shm, token
+
+
+def client_pixels(shm: SharedMemory, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 pixels of `shape` in a client segment (after its header)."""
+    return np.ndarray(shape, np.uint8, buffer=shm.buf, offset=CLIENT_HEADER_BYTES)
+
+
+def usable_client_segment(shm: SharedMemory, token: bytes, nbytes: int) -> bool:
+    """True when a worker may write `nbytes` of pixels into an attached client segment: still
+    linked (its client has not let go of it), a plain file with exactly one name, big enough and
+    with its pages allocated (a write past them would be a SIGBUS), and holding `token` — which
+    only someone able to read the segment can know."""
+    need = CLIENT_HEADER_BYTES + nbytes
+    try:
+        st = os.fstat(shm._fd)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or min(st.st_size, shm.size) < need \
+            or st.st_blocks * 512 < need or len(token) != CLIENT_TOKEN_BYTES:
+        return False
+    return hmac.compare_digest(bytes(cast(memoryview, shm.buf)[:CLIENT_TOKEN_BYTES]), token)
+
+
+def is_unlinked(shm: SharedMemory) -> bool:
+    """True when the segment's name is gone (its creator unlinked it): only mappings keep it."""
+    try:
+        return os.fstat(shm._fd).st_nlink == 0  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return True
 
 
 _register_lock = threading.Lock()

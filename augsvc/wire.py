@@ -110,14 +110,22 @@ def _fields(buf: memoryview, start: int, end: int) -> Any:
         yield key, value_start, pos, field_start
 
 
-def split_field(data: bytes, field: int) -> tuple[bytes, bytes]:
+class TooManyFields(ValueError):
+    """A message with more top-level fields than `split_field` looks through."""
+
+
+def split_field(data: bytes, field: int, *, max_fields: int = 256) -> tuple[bytes, bytes]:
     """(the message without field `field`, every occurrence of that field, tags included); each
     part parses on its own as the same message type. Lets a server look at a big repeated field
-    (StreamBatchesRequest.sample_ids) as bytes, and decode it only when it has not seen it."""
+    (StreamBatchesRequest.sample_ids) as bytes, and decode it only when it has not seen it.
+    Raises TooManyFields past `max_fields` top-level fields (e.g. an unpacked repeated field),
+    which protobuf's own parser handles far faster than this loop."""
     buf = memoryview(data)
     rest: list[memoryview] = []
     taken: list[memoryview] = []
-    for key, _start, end, field_start in _fields(buf, 0, len(buf)):
+    for count, (key, _start, end, field_start) in enumerate(_fields(buf, 0, len(buf))):
+        if count >= max_fields:
+            raise TooManyFields(f"more than {max_fields} top-level fields")
         (taken if key >> 3 == field else rest).append(buf[field_start:end])
     return b"".join(rest), b"".join(taken)
 

@@ -9,9 +9,10 @@ messages on the pipe are small tuples; pixels only ever cross through the slots.
     worker -> parent   ("ready", pid) | ("fatal", message)          once, at start
                        ("ok", shape, segment) | ("err", class name, message) once per job
 
-A batch job may name a client's segment (meta "out_segment", shared-memory reply path): the
-pixels then go there instead of the output slot, and "ok" names it; when the segment cannot be
-used (gone, too small, not a client segment) they go to the output slot and "ok" names none.
+A batch job may name a client's segment (meta "out_segment": (name, token), shared-memory reply
+path): the pixels then go there instead of the output slot, and "ok" names it; when the segment
+cannot be used (gone, too small, a wrong token, not a client segment) they go to the output slot
+and "ok" names none.
 
 augsvc errors travel back as their class name and message; anything else is logged here with
 its traceback and reaches the parent as an internal error that names only its type.
@@ -45,7 +46,8 @@ log = logging.getLogger("augsvc.worker")
 #: can kill it mid-job. Forwarded from the parent's environment at worker start.
 SLEEP_HOOK_ENV = "AUGSVC_TEST_WORKER_SLEEP"
 _SPEC_CACHE_SIZE = 32
-_CLIENT_SEGMENTS_CACHED = 16  # a client cycles through a few segments: stay attached to them
+_CLIENT_SEGMENTS_CACHED = 64  # clients cycle through a few segments each: stay attached to them
+_IDLE_RELEASE_S = 30.0  # an idle worker lets go of every client segment
 
 
 @dataclass(frozen=True)
@@ -127,18 +129,16 @@ class _Worker:
                     b.release()
         return np.ndarray(meta["shape"], np.uint8, buffer=self.in_shm.buf)
 
-    def client_segment(self, name: str, nbytes: int) -> Any:
-        """The client's segment `name` attached (cached), or None when it cannot take `nbytes`."""
-        from .shm import attach_segment, is_client_segment, release_segment
+    def client_segment(self, name: str, token: bytes, nbytes: int) -> Any:
+        """The client's segment `name` attached (cached), or None unless it may take `nbytes` of
+        pixels now (`augsvc.shm.usable_client_segment`: checked before every write)."""
+        from .shm import attach_segment, is_client_segment, release_segment, usable_client_segment
 
+        self.drop_unlinked_segments()
         shm = self.client_segments.get(name)
         if shm is None:
             if not is_client_segment(name):
                 return None
-            # Clients come and go: let go of segments their owners have unlinked, whose memory
-            # this mapping would otherwise keep alive.
-            for gone in [n for n in self.client_segments if not os.path.exists(f"/dev/shm/{n}")]:
-                release_segment(self.client_segments.pop(gone), unlink=False)
             try:
                 shm = attach_segment(name)
             except (OSError, ValueError):  # gone, another user's, or another host's name
@@ -147,7 +147,15 @@ class _Worker:
             while len(self.client_segments) > _CLIENT_SEGMENTS_CACHED:
                 release_segment(self.client_segments.popitem(last=False)[1], unlink=False)
         self.client_segments.move_to_end(name)
-        return shm if shm.size >= nbytes else None
+        return shm if usable_client_segment(shm, token, nbytes) else None
+
+    def drop_unlinked_segments(self, everything: bool = False) -> None:
+        """Let go of client segments whose owners unlinked them (or of all, when idle): the
+        mapping would otherwise keep their memory alive."""
+        from .shm import is_unlinked, release_segment
+
+        for name in [n for n, shm in self.client_segments.items() if everything or is_unlinked(shm)]:
+            release_segment(self.client_segments.pop(name), unlink=False)
 
     def run(self, kind: str, meta: dict[str, Any]) -> tuple[tuple[int, ...], str | None]:
         if self.sleep_hook is not None and meta["seed"] == self.sleep_hook[0]:
@@ -170,7 +178,7 @@ class _Worker:
             np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out
         return tuple(int(s) for s in out.shape), segment
 
-    def _out_view(self, images: Any, size: tuple[int, int] | None, segment: str | None
+    def _out_view(self, images: Any, size: tuple[int, int] | None, segment: tuple[str, bytes] | None
                   ) -> tuple[np.ndarray | None, str | None]:
         """The output slot (or the client's `segment`, when usable) as an array of the batch's
         output shape, when it is known up front: the engine then writes the pixels straight into
@@ -185,9 +193,11 @@ class _Worker:
         nbytes = shape[0] * shape[1] * shape[2] * shape[3]
         if nbytes > self.config.slot_bytes:
             raise self._too_big(nbytes)
-        shm = self.client_segment(segment, nbytes) if segment else None
-        if shm is not None:
-            return np.ndarray(shape, np.uint8, buffer=shm.buf), segment
+        shm = self.client_segment(segment[0], segment[1], nbytes) if segment else None
+        if shm is not None and segment is not None:
+            from .shm import client_pixels
+
+            return client_pixels(shm, shape), segment[0]
         return np.ndarray(shape, np.uint8, buffer=self.out_shm.buf), None
 
     def _too_big(self, nbytes: int) -> errors.LimitExceededError:
@@ -212,6 +222,8 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
     conn.send(("ready", os.getpid()))
     while True:
         try:
+            while not conn.poll(_IDLE_RELEASE_S):
+                worker.drop_unlinked_segments(everything=True)
             msg = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return

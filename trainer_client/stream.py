@@ -24,12 +24,14 @@ cost of one transposing copy per batch).
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -42,7 +44,7 @@ from torch.utils.data import IterableDataset
 from augsvc.errors import LimitExceededError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
-from augsvc.shm import create_segment, release_segment
+from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, create_client_segment, release_segment
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -67,54 +69,87 @@ def _to_torch(images: np.ndarray, labels: Any, ids: Any, *, channels_last: bool,
     return (tensor, torch.as_tensor(np.asarray(labels, np.int64)), torch.as_tensor(np.asarray(ids, np.int64)))
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """One of this client's segments and the token in its header (`augsvc.shm`)."""
+
+    shm: SharedMemory
+    token: bytes
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def offer(self) -> pb.ShmSegment:
+        return pb.ShmSegment(name=self.shm.name, token=self.token)
+
+
 class _Segments:
-    """Shared-memory segments of `nbytes` that this client offers a server on its host, one per
-    batch of a call. A segment is free, offered to a call, or owned by a delivered batch (until
-    its tensor is freed). A segment offered to a call that failed may still be written by a worker
-    that was mid-batch, so it is never reused: `discard` unlinks it."""
+    """Shared-memory segments for `nbytes` of pixels that this client offers a server on its
+    host, one per batch of a call. A segment is free, offered to a call, or owned by a delivered
+    batch (until its tensor is freed). A segment offered to a call that failed may still be
+    written by a worker that was mid-batch, so it is never reused: `discard` unlinks it.
+
+    Segments come back from garbage collection (a freed batch): that path only puts them on a
+    SimpleQueue (safe in GC callbacks, unlike the lock), and `acquire` takes them from there."""
 
     def __init__(self, nbytes: int, keep: int) -> None:
         self.nbytes, self.keep = nbytes, keep
-        self._free: list[SharedMemory] = []
+        self._free: list[_Segment] = []
+        self._returned: queue.SimpleQueue[_Segment] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
 
-    def acquire(self, count: int) -> list[SharedMemory]:
+    def _take_returned(self) -> list[_Segment]:
+        """Move returned segments to the free list (under the lock); the surplus to discard."""
+        surplus: list[_Segment] = []
+        while True:
+            try:
+                seg = self._returned.get_nowait()
+            except queue.Empty:
+                return surplus
+            (self._free if not self._closed and len(self._free) < self.keep else surplus).append(seg)
+
+    def acquire(self, count: int) -> list[_Segment]:
         """`count` segments; LimitExceededError (with none taken) when /dev/shm is full."""
         with self._lock:
+            surplus = self._take_returned()
             taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        for seg in surplus:
+            self.discard(seg)
         try:
             while len(taken) < count:
-                taken.append(create_segment(self.nbytes, "batch", reserve=True, client=True))
+                taken.append(_Segment(*create_client_segment(self.nbytes)))
         except Exception:
-            for shm in taken:
-                self.release(shm)
+            for seg in taken:
+                self.release(seg)
             raise
         return taken
 
-    def release(self, shm: SharedMemory) -> None:
-        with self._lock:
-            if not self._closed and len(self._free) < self.keep:
-                self._free.append(shm)
-                return
-        self.discard(shm)
+    def release(self, seg: _Segment) -> None:
+        """Give a segment back (any thread, or a GC callback)."""
+        if self._closed:
+            self.discard(seg)
+        else:
+            self._returned.put(seg)
 
     @staticmethod
-    def discard(shm: SharedMemory) -> None:
-        release_segment(shm, unlink=True)
+    def discard(seg: _Segment) -> None:
+        release_segment(seg.shm, unlink=True)
 
-    def view(self, shm: SharedMemory, shape: tuple[int, ...]) -> np.ndarray:
-        """A writable array over `shm` that returns the segment here when it is freed."""
-        array = np.ndarray(shape, np.uint8, buffer=shm.buf)
-        weakref.finalize(array, self.release, shm)
+    def view(self, seg: _Segment, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable array of the pixels in `seg` that gives the segment back when it is freed."""
+        array = client_pixels(seg.shm, shape)
+        done = weakref.finalize(array, self.release, seg)
+        done.atexit = False  # at exit the resource tracker unlinks; never unmap under a live array
         return array
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            free, self._free = self._free, []
-        for shm in free:
-            self.discard(shm)
+            free, self._free = self._free + self._take_returned(), []
+        for seg in free:
+            self.discard(seg)
 
 
 class AugmentedStream(IterableDataset[Batch]):
@@ -157,13 +192,15 @@ class AugmentedStream(IterableDataset[Batch]):
             self.population: np.ndarray = np.arange(int(client.dataset_info(dataset)["num_samples"]))
         else:
             self.population = np.asarray(sample_ids, np.int64)
-        self._request_head: tuple[int, bytes] | None = None
+        self._request_head = b""  # set by __iter__: the epoch-constant part of its requests
         self.position = 0  # batches of this rank already yielded in `self.epoch`
         self.channels_last = channels_last
         if shared_memory is None:
             shared_memory = all(is_local_address(t) for t in client.targets)
         self.shared_memory = shared_memory and dataset is not None
         self._segments: _Segments | None = None
+        self._segments_lock = threading.Lock()
+        self._inline_endpoints: set[int] = set()  # endpoints that wrote no segment of a finished call
         #: How the batches of this stream arrived so far: {"shared_memory": n, "inline": m}.
         self.received = {"shared_memory": 0, "inline": 0}
         self._received_lock = threading.Lock()
@@ -209,49 +246,63 @@ class AugmentedStream(IterableDataset[Batch]):
 
     # -- shared memory -------------------------------------------------------------------------------
     def _segment_pool(self) -> _Segments | None:
-        """The segment pool, sized for one batch of this dataset and spec (None: sizes unknown)."""
+        """The segment pool, sized for one batch of this dataset and spec (None: sizes unknown).
+        Made once, before the fetch threads start (`__iter__`)."""
         if not self.shared_memory or self.dataset is None:
             return None
-        if self._segments is None:
-            shape = [int(d) for d in self.client.dataset_info(self.dataset).get("image_shape") or []]
-            size = self.spec.output_size or (tuple(shape[:2]) if len(shape) == 3 else None)
-            if size is None:
-                self.shared_memory = False
-                return None
-            channels = shape[2] if len(shape) == 3 else 3
-            nbytes = self.batch_size * size[0] * size[1] * channels
-            # Enough to keep every call's segments, the prefetched batches and a few held by the
-            # consumer without creating new ones each epoch.
-            self._segments = _Segments(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
-            weakref.finalize(self, self._segments.close)
-        return self._segments
+        with self._segments_lock:
+            if self._segments is None:
+                shape = [int(d) for d in self.client.dataset_info(self.dataset).get("image_shape") or []]
+                size = self.spec.output_size or (tuple(shape[:2]) if len(shape) == 3 else None)
+                if size is None:
+                    self.shared_memory = False
+                    return None
+                channels = shape[2] if len(shape) == 3 else 3
+                nbytes = self.batch_size * size[0] * size[1] * channels
+                # Enough to keep every call's segments, the prefetched batches and a few held by the
+                # consumer without creating new ones each epoch.
+                self._segments = _Segments(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
+                weakref.finalize(self, self._segments.close)
+            return self._segments
 
-    def _from_segment(self, segments: _Segments, shm: SharedMemory, msg: pb.Batch) -> Batch:
+    def _stop_shared_memory(self, why: str) -> None:
+        warnings.warn(f"augsvc: {why}; receiving batches inline", ResourceWarning, stacklevel=3)
+        self.shared_memory = False
+        with self._segments_lock:
+            segments = self._segments
+        if segments is not None:
+            segments.close()
+
+    def _from_segment(self, segments: _Segments, seg: _Segment, msg: pb.Batch) -> Batch:
         shape = tuple(int(d) for d in msg.images.shape)
-        if len(shape) != 4 or msg.images.dtype != "uint8" or math.prod(shape) > shm.size:
+        if len(shape) != 4 or msg.images.dtype != "uint8" or \
+                CLIENT_HEADER_BYTES + math.prod(shape) > seg.shm.size:
+            segments.discard(seg)
             raise StreamError(f"batch {msg.batch_index}: shape {list(shape)} {msg.images.dtype!r} does not fit "
-                              f"the {shm.size}-byte segment it was written to")
+                              f"the {seg.shm.size}-byte segment it was written to")
         if self.channels_last:
-            return _to_torch(segments.view(shm, shape), msg.labels, msg.sample_ids, channels_last=True, owned=True)
+            return _to_torch(segments.view(seg, shape), msg.labels, msg.sample_ids, channels_last=True, owned=True)
         try:
-            return _to_torch(np.ndarray(shape, np.uint8, buffer=shm.buf), msg.labels, msg.sample_ids,
-                             channels_last=False)
+            return _to_torch(client_pixels(seg.shm, shape), msg.labels, msg.sample_ids, channels_last=False)
         finally:
-            segments.release(shm)
+            segments.release(seg)
 
-    def _stream_request(self, chunk: list[int], segments: list[str]) -> bytes:
-        """StreamBatchesRequest bytes for `chunk`: the part that is the same for the whole epoch
-        (spec, population: up to megabytes) is serialized once per epoch; protobuf reads the two
-        concatenated parts as one message."""
-        if self._request_head is None or self._request_head[0] != self.epoch:
-            head = pb.StreamBatchesRequest(
-                dataset=self.dataset, spec=self.spec.to_proto(), seed=self.seed, epoch=self.epoch,
-                batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last, backend=self.backend,
-                sample_ids=[] if self._whole_dataset else self.population.tolist())
-            self._request_head = (self.epoch, head.SerializeToString())
+    def _epoch_request_head(self) -> bytes:
+        """The part of this pass's StreamBatchesRequests that is the same for every call (spec,
+        population: up to megabytes), serialized once; a whole dataset goes as no ids at all."""
+        head = pb.StreamBatchesRequest(
+            dataset=self.dataset, spec=self.spec.to_proto(), seed=self.seed, epoch=self.epoch,
+            batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last, backend=self.backend,
+            sample_ids=[] if self._whole_dataset else self.population.tolist())
+        data: bytes = head.SerializeToString()
+        return data
+
+    def _stream_request(self, chunk: list[int], segments: list[_Segment]) -> bytes:
+        """StreamBatchesRequest bytes for `chunk`: the pass's head and this call's fields; protobuf
+        reads the two concatenated parts as one message (they share no field)."""
         tail = pb.StreamBatchesRequest(start=chunk[0], end=chunk[-1] + 1, stride=self.world_size,
-                                       shm_segments=segments)
-        data: bytes = self._request_head[1] + tail.SerializeToString()
+                                       shm_segments=[seg.offer() for seg in segments])
+        data: bytes = self._request_head + tail.SerializeToString()
         return data
 
     def _count(self, how: str) -> None:
@@ -262,6 +313,9 @@ class AugmentedStream(IterableDataset[Batch]):
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan()
         indices = self._indices()[self.position:]
+        if self._arrays is None:
+            self._request_head = self._epoch_request_head()
+            self._segment_pool()
         fetcher = _Fetcher(self, plan, indices)
         try:
             for k in indices:
@@ -276,17 +330,16 @@ class AugmentedStream(IterableDataset[Batch]):
     def _fetch(self, endpoint: int, chunk: list[int], plan: list[np.ndarray],
                deliver: Any, calls: list[Any]) -> None:
         if self._arrays is None:
-            segments = self._segment_pool()
-            offered: dict[str, SharedMemory] = {}
+            segments = self._segment_pool() if endpoint not in self._inline_endpoints else None
+            offered: dict[str, _Segment] = {}
             if segments is not None:
                 try:
-                    offered = {shm.name: shm for shm in segments.acquire(len(chunk))}
+                    offered = {seg.name: seg for seg in segments.acquire(len(chunk))}
                 except (LimitExceededError, OSError) as exc:
-                    warnings.warn(f"augsvc: no shared memory for batches ({exc}); receiving them inline",
-                                  ResourceWarning, stacklevel=2)
-                    self.shared_memory = False
-            request = self._stream_request(chunk, list(offered))
-            completed = False
+                    self._stop_shared_memory(f"no shared memory for batches ({exc})")
+                    segments = None
+            request = self._stream_request(chunk, list(offered.values()))
+            completed, written = False, 0
             try:
                 call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
                 calls.append(call)
@@ -300,21 +353,24 @@ class AugmentedStream(IterableDataset[Batch]):
                             deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids,
                                                  channels_last=self.channels_last))
                             continue
-                        shm = offered.pop(msg.shm_segment, None)
-                        if shm is None or segments is None:
+                        seg = offered.pop(msg.shm_segment, None)
+                        if seg is None or segments is None:
                             raise StreamError(f"batch {k}: the server wrote to segment {msg.shm_segment!r}, "
                                               "which this call did not offer")
+                        written += 1
                         self._count("shared_memory")
-                        deliver(k, self._from_segment(segments, shm, msg))
+                        deliver(k, self._from_segment(segments, seg, msg))
                 finally:
                     calls.remove(call)  # only live calls are kept (for cancelling), not one per chunk
                 completed = True
             finally:
-                for shm in offered.values():  # not written (inline replies) if the call completed
+                for seg in offered.values():  # not written (inline replies) if the call completed
                     if completed and segments is not None:
-                        segments.release(shm)
+                        segments.release(seg)
                     else:
-                        _Segments.discard(shm)
+                        _Segments.discard(seg)
+            if offered and not written:  # this server cannot reach our segments: stop offering them
+                self._inline_endpoints.add(endpoint)
             return
         images, labels = self._arrays
         spec_msg = self.spec.to_proto()
@@ -414,6 +470,7 @@ class _Fetcher:
             except Exception as exc:  # noqa: BLE001 - classified below
                 with self.cond:
                     if self.stopped:
+                        exc.__traceback__ = None  # see below
                         return
                     retryable = not isinstance(exc, grpc.RpcError) or exc.code() in RETRYABLE
                     for k in pending:
@@ -428,6 +485,10 @@ class _Fetcher:
                     if pending:
                         self.queue.appendleft(pending)  # any healthy endpoint re-asks for them
                     self.cond.notify_all()
+                # A failed call is its own RpcError, and its traceback holds the frame that holds the
+                # call: break that cycle, or the stream (and its shared memory) would live until the
+                # next garbage collection. (A fatal error keeps its traceback, as StreamError's cause.)
+                exc.__traceback__ = None
                 # This endpoint failed: move to the next one and back off before using it again.
                 endpoint = (endpoint + 1) % self.stream.client.num_endpoints
                 backoff = min(2.0, backoff * 2 or 0.05)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..shm import create_segment, release_segment
+from ..shm import client_pixels, create_client_segment, release_segment
 from ..spec import load_spec
 from ..v1 import augment_pb2 as pb
 from ..wire import parse_reply
@@ -62,9 +62,9 @@ def service_rate(target: str, batch: int, seconds: float, num_samples: int, *, s
     options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.lookahead_bytes", 8 << 20)]
     batches = num_samples // batch
     # One segment per batch of an epoch, reused epoch after epoch: a finished call wrote them all.
-    segments = [create_segment(batch_bytes, "batch", reserve=True, client=True)
-                for _ in range(batches if shared_memory else 0)]
-    by_name = {s.name: s for s in segments}
+    segments = [create_client_segment(batch_bytes) for _ in range(batches if shared_memory else 0)]
+    by_name = {shm.name: shm for shm, _ in segments}
+    offered = [pb.ShmSegment(name=shm.name, token=token) for shm, token in segments]
     try:
         with grpc.insecure_channel(target, options=options) as channel:
             # The client library's path: replies parsed without copying the pixels (augsvc.wire).
@@ -75,16 +75,16 @@ def service_rate(target: str, batch: int, seconds: float, num_samples: int, *, s
             n, epoch, start = 0, 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 request = pb.StreamBatchesRequest(dataset="bench", spec=spec, seed=0, epoch=epoch, batch_size=batch,
-                                                  drop_last=True, shm_segments=list(by_name))
+                                                  drop_last=True, shm_segments=offered)
                 for msg, images in stream(request):
                     if images is None:
-                        images = np.ndarray(tuple(msg.images.shape), np.uint8, buffer=by_name[msg.shm_segment].buf)
+                        images = client_pixels(by_name[msg.shm_segment], tuple(msg.images.shape))
                     n += len(images)
                     del images
                 epoch += 1
             return n / (time.perf_counter() - start)
     finally:
-        for shm in segments:
+        for shm, _ in segments:
             release_segment(shm, unlink=True)
 
 

@@ -214,8 +214,16 @@ class StreamBatchesRequest(_message.Message):
     end: int
     stride: int
     backend: str
-    shm_segments: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[Pipeline, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., stride: _Optional[int] = ..., backend: _Optional[str] = ..., shm_segments: _Optional[_Iterable[str]] = ...) -> None: ...
+    shm_segments: _containers.RepeatedCompositeFieldContainer[ShmSegment]
+    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[Pipeline, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., stride: _Optional[int] = ..., backend: _Optional[str] = ..., shm_segments: _Optional[_Iterable[_Union[ShmSegment, _Mapping]]] = ...) -> None: ...
+
+class ShmSegment(_message.Message):
+    __slots__ = ("name", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    token: bytes
+    def __init__(self, name: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("epoch", "batch_index", "images", "labels", "sample_ids", "shm_segment")

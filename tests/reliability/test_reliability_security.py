@@ -284,9 +284,10 @@ def test_the_right_token_works_and_health_needs_none(
 # -- no filesystem paths on the wire ---------------------------------------------------------------
 
 #: The only string fields a request may carry: names and enum-like choices, never a path.
-#: shm_segments are POSIX shared-memory names the client created; the server accepts only the
-#: augsvc_client_<pid>_<hex>_<tag> form (tests/test_shm_path.py refuses paths and other names).
-NAME_FIELDS = {"dataset", "backend", "dtype", "border", "shm_segments"}
+#: "name" is ShmSegment.name (the shared-memory reply path): a POSIX shared-memory name the client
+#: created, which the server takes only in the augsvc_client_<pid>_<hex>_<tag> form
+#: (test_segment_names_are_never_paths below; tests/test_shm_path.py sends bad ones).
+NAME_FIELDS = {"dataset", "backend", "dtype", "border", "name"}
 REQUESTS = [pb.AugmentRequest, pb.StreamBatchesRequest, pb.ListDatasetsRequest, pb.ServerInfoRequest]
 
 
@@ -316,6 +317,16 @@ def test_no_request_message_has_a_path_field() -> None:
         )
         for name in fields:
             assert not any(word in name for word in ("path", "file", "dir", "url", "uri")), name
+
+
+def test_segment_names_are_never_paths() -> None:
+    from augsvc.shm import is_client_segment
+
+    assert pb.ShmSegment.DESCRIPTOR.fields_by_name["name"].type == FieldDescriptor.TYPE_STRING
+    tricks = ["augsvc_client_1_deadbeef_batch/../../etc/passwd", "/augsvc_client_1_deadbeef_batch",
+              "augsvc_client_1_deadbeef_batch\x00", "augsvc_1_deadbeef_out", "augsvc_client_1_deadbeef_b.x"]
+    for name in PATH_NAMES + tricks:
+        assert not is_client_segment(name), name
 
 
 @pytest.fixture(scope="module")
