@@ -650,3 +650,24 @@ def test_cli_health_against_a_closed_port() -> None:
         result = run_health(f"127.0.0.1:{port}", "--timeout", "5")
     assert result.returncode == 1, result
     assert "UNAVAILABLE" in result.stdout
+
+
+def test_plan_cache_is_bounded_and_reuses_plans() -> None:
+    from augsvc.server import _PlanCache
+
+    cache = _PlanCache(max_bytes=1 << 20, max_entry_bytes=256 << 10, max_entries=3)
+    made: list[int] = []
+
+    def make(n: int) -> Any:
+        made.append(n)
+        return np.arange(n, dtype=np.int64)
+
+    first = cache.get(("d", b"", 0, 0, True), lambda: make(10))
+    assert cache.get(("d", b"", 0, 0, True), lambda: make(10)) is first and made == [10]
+    assert not first.flags.writeable  # shared by calls: nobody may write into it
+    for epoch in range(1, 5):  # four more epochs: only the last three stay
+        cache.get(("d", b"", 0, epoch, True), lambda: make(10))
+    cache.get(("d", b"", 0, 0, True), lambda: make(10))
+    assert made == [10] * 6, "epoch 0 was evicted and made again"
+    big = cache.get(("d", b"", 0, 9, True), lambda: make(100_000))  # 800 KB: over the entry cap
+    assert cache.get(("d", b"", 0, 9, True), lambda: make(100_000)) is not big
