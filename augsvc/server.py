@@ -173,6 +173,7 @@ class _PlanCache:
         # A few entries are enough: a trainer's calls all ask for its current epoch (all ranks
         # alike); more would only hold old epochs' permutations.
         self._max_bytes, self._max_entry, self._max_entries = max_bytes, max_entry_bytes, max_entries
+        self._pending: dict[tuple[Any, ...], futures.Future[np.ndarray]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -180,22 +181,37 @@ class _PlanCache:
         return int(order.nbytes) + len(key[1])
 
     def get(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> np.ndarray:
+        """The plan for `key`, made by `make()` once: concurrent callers of a missing key (every
+        stream at an epoch's start) wait for the first one's result, or its error."""
         with self._lock:
             order = self._entries.get(key)
             if order is not None:
                 self._entries.move_to_end(key)
                 return order
-        order = make()
-        order.setflags(write=False)
-        size = self._size(key, order)
-        if size <= self._max_entry:
+            pending = self._pending.get(key)
+            mine = pending is None
+            if pending is None:
+                pending = self._pending[key] = futures.Future()
+        if not mine:
+            return pending.result()
+        try:
+            order = make()
+            order.setflags(write=False)
+        except BaseException as exc:
             with self._lock:
-                if key not in self._entries:
-                    self._entries[key] = order
-                    self._bytes += size
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        size = self._size(key, order)
+        with self._lock:
+            del self._pending[key]
+            if size <= self._max_entry:
+                self._entries[key] = order
+                self._bytes += size
                 while self._bytes > self._max_bytes or len(self._entries) > self._max_entries:
                     old_key, old = self._entries.popitem(last=False)
                     self._bytes -= self._size(old_key, old)
+        pending.set_result(order)
         return order
 
 

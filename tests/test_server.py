@@ -671,3 +671,38 @@ def test_plan_cache_is_bounded_and_reuses_plans() -> None:
     assert made == [10] * 6, "epoch 0 was evicted and made again"
     big = cache.get(("d", b"", 0, 9, True), lambda: make(100_000))  # 800 KB: over the entry cap
     assert cache.get(("d", b"", 0, 9, True), lambda: make(100_000)) is not big
+
+
+def test_plan_cache_makes_a_missing_plan_once_for_concurrent_callers() -> None:
+    import threading
+
+    from augsvc.errors import InvalidInputError
+    from augsvc.server import _PlanCache
+
+    cache = _PlanCache()
+    started, release = threading.Event(), threading.Event()
+    made: list[int] = []
+
+    def make() -> Any:
+        made.append(1)
+        started.set()
+        release.wait(10)
+        return np.arange(5)
+
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(("d", b"", 1, 2, True), make)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert made == [1] and len(results) == 4 and all(r is results[0] for r in results)
+
+    def broken() -> Any:
+        raise InvalidInputError("sample_ids: bad")
+
+    for _ in range(2):  # an error reaches the caller and is not cached
+        with pytest.raises(InvalidInputError):
+            cache.get(("d", b"x", 1, 2, True), broken)
