@@ -8,13 +8,12 @@ the gRPC server, so no process is forked once gRPC threads exist.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
+from .calls import MalformedRequest, PlanCache, StreamBatchesCall, parse_stream_batches, parser, spec_of
 from .datasets import Dataset, check_sample_ids, load_dataset
 from .engine import BACKENDS
 from .errors import (
@@ -46,7 +46,7 @@ from .spec import Spec
 from .tensors import decode_tensor
 from .v1 import augment_pb2 as pb
 from .v1 import augment_pb2_grpc as pb_grpc
-from .wire import TooManyFields, augment_response_bytes, batch_bytes, batch_shm_bytes, serialize, split_field
+from .wire import augment_response_bytes, batch_bytes, batch_shm_bytes, serialize
 
 log = logging.getLogger("augsvc.server")
 
@@ -115,132 +115,22 @@ def _augment_reply(ids: Any, tag: int, images: np.ndarray, _labels: np.ndarray |
     return len(images), augment_response_bytes(images=images, sample_ids=ids, tag=tag)
 
 
-class MalformedRequest:
-    """Stands for request bytes that do not parse, so the servicer answers INVALID_ARGUMENT
-    (grpc itself would answer INTERNAL when a deserializer raises)."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-    def error(self) -> InvalidInputError:
-        return InvalidInputError(f"request: the bytes are not a valid augsvc.v1.{self.type_name} message")
-
-
-@dataclass(frozen=True)
-class StreamBatchesCall:
-    """A StreamBatchesRequest without its population, which stays encoded (`ids_field`: the
-    sample_ids field's bytes) so that the many calls of one epoch find its plan in `_PlanCache`
-    without decoding and permuting a large population again. `ids_field` None: the message
-    keeps its ids (an unusual encoding, parsed by protobuf alone; its plan is not cached)."""
-
-    message: pb.StreamBatchesRequest
-    ids_field: bytes | None
-
-    @classmethod
-    def of(cls, request: pb.StreamBatchesRequest) -> StreamBatchesCall:
-        rest, ids = split_field(request.SerializeToString(), _SAMPLE_IDS_FIELD)
-        return cls(pb.StreamBatchesRequest.FromString(rest), ids)
-
-    def sample_ids(self) -> Any:
-        if self.ids_field is None:
-            return self.message.sample_ids
-        return pb.StreamBatchesRequest.FromString(self.ids_field).sample_ids
-
-
-_SAMPLE_IDS_FIELD = pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name["sample_ids"].number
-
-
-def _parse_stream_batches(data: bytes) -> StreamBatchesCall | MalformedRequest:
-    try:
-        try:
-            rest, ids = split_field(data, _SAMPLE_IDS_FIELD)
-        except TooManyFields:
-            return StreamBatchesCall(pb.StreamBatchesRequest.FromString(data), None)
-        pb.StreamBatchesRequest.FromString(ids)  # a malformed population is refused up front
-        return StreamBatchesCall(pb.StreamBatchesRequest.FromString(rest), ids)
-    except Exception:  # noqa: BLE001 - DecodeError, ValueError from split_field
-        return MalformedRequest("StreamBatchesRequest")
-
-
-class _PlanCache:
-    """Recent epoch permutations, keyed by (dataset, encoded population, seed, epoch, shuffle).
-    A trainer fetches an epoch in calls of a few batches each; without this, every call decoded
-    the population and permuted it again (measured: ~3 ms per call for 50,000 ids)."""
-
-    def __init__(self, max_bytes: int = 64 << 20, max_entry_bytes: int = 16 << 20, max_entries: int = 8) -> None:
-        self._entries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
-        self._bytes = 0
-        # A few entries are enough: a trainer's calls all ask for its current epoch (all ranks
-        # alike); more would only hold old epochs' permutations.
-        self._max_bytes, self._max_entry, self._max_entries = max_bytes, max_entry_bytes, max_entries
-        self._pending: dict[tuple[Any, ...], futures.Future[np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _size(key: tuple[Any, ...], order: np.ndarray) -> int:
-        return int(order.nbytes) + len(key[1])
-
-    def get(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> np.ndarray:
-        """The plan for `key`, made by `make()` once: concurrent callers of a missing key (every
-        stream at an epoch's start) wait for the first one's result, or its error."""
-        with self._lock:
-            order = self._entries.get(key)
-            if order is not None:
-                self._entries.move_to_end(key)
-                return order
-            pending = self._pending.get(key)
-            mine = pending is None
-            if pending is None:
-                pending = self._pending[key] = futures.Future()
-        if not mine:
-            return pending.result()
-        try:
-            order = make()
-            order.setflags(write=False)
-        except BaseException as exc:
-            with self._lock:
-                del self._pending[key]
-            pending.set_exception(exc)
-            raise
-        size = self._size(key, order)
-        with self._lock:
-            del self._pending[key]
-            if size <= self._max_entry:
-                self._entries[key] = order
-                self._bytes += size
-                while self._bytes > self._max_bytes or len(self._entries) > self._max_entries:
-                    old_key, old = self._entries.popitem(last=False)
-                    self._bytes -= self._size(old_key, old)
-        pending.set_result(order)
-        return order
-
-
-def _parser(message_type: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except Exception:  # noqa: BLE001 - DecodeError and friends
-            return MalformedRequest(message_type.__name__)
-
-    return parse
-
-
 def add_augmenter_servicer(servicer: AugmenterServicer, server: grpc.Server) -> None:
     """Like the generated add_AugmenterServicer_to_server, but replies may be pre-serialized bytes."""
     methods = {
         "Augment": grpc.unary_unary_rpc_method_handler(
-            servicer.Augment, request_deserializer=_parser(pb.AugmentRequest), response_serializer=serialize),
+            servicer.Augment, request_deserializer=parser(pb.AugmentRequest), response_serializer=serialize),
         "AugmentStream": grpc.stream_stream_rpc_method_handler(
-            servicer.AugmentStream, request_deserializer=_parser(pb.AugmentRequest),
+            servicer.AugmentStream, request_deserializer=parser(pb.AugmentRequest),
             response_serializer=serialize),
         "StreamBatches": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamBatches, request_deserializer=_parse_stream_batches,
+            servicer.StreamBatches, request_deserializer=parse_stream_batches,
             response_serializer=serialize),
         "ListDatasets": grpc.unary_unary_rpc_method_handler(
-            servicer.ListDatasets, request_deserializer=_parser(pb.ListDatasetsRequest),
+            servicer.ListDatasets, request_deserializer=parser(pb.ListDatasetsRequest),
             response_serializer=serialize),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo, request_deserializer=_parser(pb.ServerInfoRequest),
+            servicer.GetServerInfo, request_deserializer=parser(pb.ServerInfoRequest),
             response_serializer=serialize),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
@@ -253,16 +143,6 @@ def _backend(name: str) -> str:
     return name
 
 
-def _spec(msg: pb.Pipeline) -> Spec:
-    """The validated Spec of a request; a trainer sends the same spec with every call."""
-    return _spec_of_bytes(msg.SerializeToString(deterministic=True))
-
-
-@functools.lru_cache(maxsize=64)  # only valid specs are kept: a SpecError is raised, not cached
-def _spec_of_bytes(data: bytes) -> Spec:
-    return Spec.from_proto(pb.Pipeline.FromString(data))
-
-
 class AugmenterServicer(pb_grpc.AugmenterServicer):
     def __init__(self, pool: WorkerPool, datasets: dict[str, Dataset], settings: ServerSettings,
                  metrics: ServerMetrics) -> None:
@@ -272,7 +152,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         self._metrics = metrics
         # Two jobs per worker: each worker has its next batch queued while the last is being sent.
         self._window = 2 * pool.worker_count
-        self._plans = _PlanCache()
+        self._plans = PlanCache()
 
     # -- one place for errors and metrics --------------------------------------------------------
     def _status_of(self, method: str, exc: BaseException, context: grpc.ServicerContext) -> None:
@@ -312,7 +192,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
     def _submit_augment(self, request: pb.AugmentRequest) -> futures.Future[tuple[int, bytes]]:
         if isinstance(request, MalformedRequest):
             raise request.error()
-        spec = _spec(request.spec)
+        spec = spec_of(request.spec)
         backend = _backend(request.backend)
         images: Any
         if request.encoded_images:
@@ -403,7 +283,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         if ds is None:
             served = ", ".join(sorted(self._datasets)) or "none"
             raise NotFoundError(f"dataset: {request.dataset!r} is not served here; available: {served}")
-        spec = _spec(request.spec)
+        spec = spec_of(request.spec)
         backend = _backend(request.backend)
         if ds.image_shape is None and spec.output_size is None:
             raise InvalidInputError(f"spec: dataset {ds.name!r} has images of different sizes; add a resize "
