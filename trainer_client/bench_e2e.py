@@ -12,7 +12,6 @@ so growth across epochs is visible. Lives in trainer_client because (a) and (b) 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from augsvc.bench.common import albumentations_compose, machine, sample_images
+from augsvc.bench.common import albumentations_compose, machine, sample_images, write_json
 from augsvc.bench.service import engine_rate
 from augsvc.spec import load_spec
 
@@ -34,13 +33,22 @@ from .stream import AugmentedStream
 BENCH_SPEC_PATH = "bench-spec"
 
 
-def rss_mb(pid: int | None = None) -> float:
-    """Resident memory of a process (this one by default), from /proc."""
+def memory_mb(pid: int | None = None) -> dict[str, float]:
+    """Resident memory of a process (this one by default), from /proc: the total ("rss") and its
+    anonymous and shared-memory parts (datasets and batch segments are shared memory)."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssShmem:": "shmem"}
+    out = {name: float("nan") for name in fields.values()}
     with open(f"/proc/{pid or os.getpid()}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            key = line.split(maxsplit=1)[0] if line.strip() else ""
+            if key in fields:
+                out[fields[key]] = int(line.split()[1]) / 1024
+    return out
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Resident memory of a process (this one by default), from /proc."""
+    return memory_mb(pid)["rss"]
 
 
 class _AlbumentationsDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -122,15 +130,20 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
             epoch = [0]
             memory: list[dict[str, float]] = []
 
+            def record(epoch_number: int) -> None:
+                mem = memory_mb(server.pid)
+                memory.append({"epoch": epoch_number, "server_mb": mem["rss"], "server_anon_mb": mem["anon"],
+                               "server_shmem_mb": mem["shmem"], "client_mb": rss_mb()})
+
             def epochs() -> Any:
                 stream.set_epoch(epoch[0])
                 epoch[0] += 1
-                memory.append({"epoch": epoch[0], "server_mb": rss_mb(server.pid), "client_mb": rss_mb()})
+                record(epoch[0])
                 return stream
 
             _consume(epochs, min(2.0, seconds / 2), step)
             service = _consume(epochs, seconds, step)
-            memory.append({"epoch": epoch[0] + 1, "server_mb": rss_mb(server.pid), "client_mb": rss_mb()})
+            record(epoch[0] + 1)
             received = dict(stream.received)  # how the batches came: shared memory or inline
         # (c) the engine in W processes
         ceiling = engine_rate(path, workers, batch, seconds)
@@ -164,9 +177,5 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['augsvc_vs_dataloader']:>6.2f} {r['augsvc_vs_engine']:>6.2f} "
               f"{m[0]['server_mb']:>10.0f} -> {m[-1]['server_mb']:<9.0f} "
               f"{m[0]['client_mb']:>10.0f} -> {m[-1]['client_mb']:<9.0f}")
-    if args.json:
-        from datetime import date
-
-        Path(args.json).write_text(json.dumps({"date": date.today().isoformat(), "machine": machine(),
-                                               "benchmark": "e2e", "rows": rows}, indent=2))
+    write_json(args.json, {"benchmark": "e2e", "rows": rows})
     return 0
