@@ -181,3 +181,24 @@ def test_all_endpoints_down_fails_instead_of_hanging() -> None:
                                              batch_size=4, seed=0, max_attempts=2)
         with pytest.raises(StreamError, match="UNAVAILABLE"):
             collect(stream)
+
+
+def test_default_prefetch_is_sized_by_the_batch(servers: list[str], digits: np.ndarray) -> None:
+    """Small batches get a deep prefetch (32), big ones as many as fit in PREFETCH_BYTES (at least
+    4); an explicit prefetch wins; a call never asks for more batches than the prefetch holds."""
+    from trainer_client.stream import PREFETCH_BYTES, default_prefetch
+
+    assert default_prefetch(None) == 8
+    assert default_prefetch(64 * 32 * 32) == 32
+    assert default_prefetch(PREFETCH_BYTES // 6) == 6
+    assert default_prefetch(PREFETCH_BYTES) == 4
+    with AugmentClient(servers[0]) as client:
+        small = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0)  # 64 images of 32x32x1
+        assert small.prefetch == 32 and small.streams * small.chunk <= small.prefetch
+        big = load_spec({"transforms": [{"resize": {"height": 1024, "width": 1024}}]})
+        large = AugmentedStream(client, "digits", big, batch_size=256, seed=0)  # 256 MiB a batch
+        assert large.prefetch == 4 and large.chunk == 2
+        assert AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0, prefetch=3).prefetch == 3
+        owned = AugmentedStream.from_arrays(client, np.zeros((8, 512, 512, 3), np.uint8), np.zeros(8), SPEC,
+                                            batch_size=4, seed=0)  # 3 MiB a batch
+        assert owned.prefetch == 32 and owned.chunk == 8

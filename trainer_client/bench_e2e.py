@@ -5,16 +5,21 @@
   (b) AugmentedStream from a local augsvc with W workers         — this project
   (c) the engine itself in W local processes, nothing delivered  — the ceiling
 
-Also records the resident memory of the server process and of the client at every epoch of (b),
-so growth across epochs is visible. Lives in trainer_client because (a) and (b) need torch.
+The three are measured in alternating windows (`--rounds` each), the machine let go quiet before
+each, so that a noisy neighbour slows all of them alike; a window of (a) or (b) first takes,
+untimed, the batches its prefetch made ready while the others ran. Also records the resident
+memory of the server process and of the client at every epoch of (b), so growth across epochs is
+visible. Lives in trainer_client because (a) and (b) need torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from augsvc.bench.common import albumentations_compose, machine, sample_images, write_json
-from augsvc.bench.service import engine_rate
-from augsvc.spec import load_spec
+from augsvc.bench.common import Window, albumentations_compose, interleaved_rates, machine, sample_images, write_json
+from augsvc.bench.service import EngineProcesses
 
 from .client import AugmentClient
 from .embedded import EmbeddedServer
-from .stream import AugmentedStream
+from .stream import AugmentedStream, default_prefetch
 
 BENCH_SPEC_PATH = "bench-spec"
 
@@ -72,14 +76,28 @@ def _worker_init(_: int) -> None:
     cv2.setNumThreads(0)
 
 
-def _consume(batches: Any, seconds: float, step: Any) -> float:
-    n, start = 0, time.perf_counter()
-    while True:
-        for batch in batches() if callable(batches) else batches:
-            step(batch[0])
-            n += len(batch[0])
-            if time.perf_counter() - start >= seconds:
-                return n / (time.perf_counter() - start)
+def _forever(epoch_batches: Any) -> Generator[Any, None, None]:
+    """Batches epoch after epoch: `epoch_batches(epoch)` gives one epoch's batches."""
+    for epoch in itertools.count():
+        yield from epoch_batches(epoch)
+
+
+def _batch_window(batches: Iterator[Any], step: Any, *, skip: int) -> Window:
+    """A measurement window over a batch pipeline. Its first `skip` batches are consumed untimed:
+    what a pipeline with that much prefetch made ready while the other candidates ran."""
+
+    def window(seconds: float) -> tuple[float, float]:
+        for _ in range(skip):
+            step(next(batches)[0])
+        n, start = 0, time.perf_counter()
+        while True:
+            images = next(batches)[0]
+            step(images)
+            n += len(images)
+            if (elapsed := time.perf_counter() - start) >= seconds:
+                return n, elapsed
+
+    return window
 
 
 def _train_step_factory(enabled: bool) -> Any:
@@ -107,51 +125,57 @@ def default_count(side: int, batch: int) -> int:
 
 
 def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step: bool,
-             count: int | None = None) -> dict[str, Any]:
+             count: int | None = None, rounds: int = 3, prefetch: int | None = None) -> dict[str, Any]:
     from augsvc.bench.common import BENCH_SPEC
 
     count = count or default_count(side, batch)
     images = sample_images(count, side)
+    # prefetch: batches ready ahead of the loop, for (a) (workers x prefetch_factor) and (b); by default
+    # the stream's own default for this batch size (`default_prefetch`), and the same for (a)
+    prefetch = prefetch or default_prefetch(batch * side * side * 3)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "bench.npz")
         np.savez(path, images=images, labels=np.zeros(count, np.int64))
+        step = _train_step_factory(train_step)
         # (a) DataLoader + albumentations
         loader = DataLoader(_AlbumentationsDataset(images), batch_size=batch, shuffle=True, num_workers=workers,
-                            worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=4)
-        step = _train_step_factory(train_step)
-        _consume(loader, min(3.0, seconds / 2), step)  # warm-up: workers started
-        dataloader = _consume(loader, seconds, step)
-        del loader
+                            worker_init_fn=_worker_init, persistent_workers=True,
+                            prefetch_factor=max(1, prefetch // workers))
         # (b) AugmentedStream from a local augsvc (unix socket, W workers)
         extra = ["--max-batch-mb", str(max(64, batch * side * side * 3 * 2 >> 20))]
         with EmbeddedServer(datasets={"bench": path}, workers=workers, extra_args=extra) as server, \
-                AugmentClient(server.target) as client:
-            stream = AugmentedStream(client, "bench", BENCH_SPEC, batch_size=batch, seed=0, prefetch=8)
-            epoch = [0]
+                AugmentClient(server.target) as client, EngineProcesses(path, workers, batch) as engine:
+            stream = AugmentedStream(client, "bench", BENCH_SPEC, batch_size=batch, seed=0, prefetch=prefetch)
             memory: list[dict[str, float]] = []
 
-            def record(epoch_number: int) -> None:
+            def record(epoch: int) -> None:
                 mem = memory_mb(server.pid)
-                memory.append({"epoch": epoch_number, "server_mb": mem["rss"], "server_anon_mb": mem["anon"],
+                memory.append({"epoch": epoch, "server_mb": mem["rss"], "server_anon_mb": mem["anon"],
                                "server_shmem_mb": mem["shmem"], "client_mb": rss_mb()})
 
-            def epochs() -> Any:
-                stream.set_epoch(epoch[0])
-                epoch[0] += 1
-                record(epoch[0])
+            def stream_epoch(epoch: int) -> AugmentedStream:
+                record(epoch)
+                stream.set_epoch(epoch)
                 return stream
 
-            _consume(epochs, min(2.0, seconds / 2), step)
-            service = _consume(epochs, seconds, step)
-            record(epoch[0] + 1)
+            loader_batches, stream_batches = _forever(lambda _: loader), _forever(stream_epoch)
+            windows: dict[str, Window] = {
+                "dataloader": _batch_window(loader_batches, step, skip=prefetch),
+                "augsvc": _batch_window(stream_batches, step, skip=prefetch),
+                "engine": engine.window,  # (c) the engine in W processes
+            }
+            for window in windows.values():
+                window(min(2.0, seconds / rounds))  # warm-up: workers started, caches filled
+            rates = interleaved_rates(windows, seconds=seconds, rounds=rounds, settle=True)
+            stream_batches.close()  # ends the pass: its fetch threads stop
+            loader_batches.close()  # the DataLoader's workers exit
+            record(len(memory))
             received = dict(stream.received)  # how the batches came: shared memory or inline
-        # (c) the engine in W processes
-        ceiling = engine_rate(path, workers, batch, seconds)
-    load_spec(BENCH_SPEC)
+    service, dataloader, ceiling = rates["augsvc"], rates["dataloader"], rates["engine"]
     return {"side": side, "batch": batch, "workers": workers, "train_step": train_step, "images": count,
-            "dataloader": dataloader, "augsvc": service, "engine": ceiling,
+            "rounds": rounds, "prefetch": prefetch, "dataloader": dataloader, "augsvc": service, "engine": ceiling,
             "augsvc_vs_dataloader": service / dataloader, "augsvc_vs_engine": service / ceiling,
-            "epochs": epoch[0], "received": received, "memory": memory}
+            "epochs": len(memory) - 1, "received": received, "memory": memory}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,14 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per candidate and side")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating windows per candidate")
+    parser.add_argument("--prefetch", type=int, help="batches ready ahead of the loop, for (a) and (b) "
+                        "(default: the stream's default for the batch size)")
     parser.add_argument("--images", type=int, help="dataset size (default: 50,000 at sides <= 64, else 2,048)")
     parser.add_argument("--train-step", action="store_true", help="a small CNN step on every batch")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = [run_side(s, workers=args.workers, batch=args.batch, seconds=args.seconds,
-                     train_step=args.train_step, count=args.images) for s in args.sides]
+                     train_step=args.train_step, count=args.images, rounds=args.rounds,
+                     prefetch=args.prefetch) for s in args.sides]
     print(f"end to end, images/s into the training loop, W={args.workers}, batch {args.batch} ({machine()})")
     print(f"{'side':>5} {'(a) DataLoader':>15} {'(b) augsvc':>11} {'(c) engine':>11} {'b/a':>6} {'b/c':>6} "
           f"{'server MB first->last':>22} {'client MB first->last':>22}")

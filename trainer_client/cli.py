@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/train")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--prefetch", type=int, default=8)
+    p.add_argument("--prefetch", type=int, help="batches kept ahead (default: as many as fit in 256 MiB, 4 to 32)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2, as decoupled weight decay")
     p.add_argument("--l1", type=float, default=1e-5)

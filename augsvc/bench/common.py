@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: the standard pipeline, test images, and a timer."""
+"""Shared pieces of the benchmarks: the standard pipeline, test images, and side-by-side timing in
+alternating windows."""
 
 from __future__ import annotations
 
@@ -57,20 +58,74 @@ def sample_images(count: int, side: int, channels: int = 3, seed: int = 0) -> np
     return out
 
 
+#: One measurement window of a candidate: given a length in seconds, run it and return the items it
+#: delivered and the seconds its timed part took.
+Window = Callable[[float], tuple[float, float]]
+
+
+def interleaved_rates(windows: dict[str, Window], *, seconds: float, rounds: int = 5,
+                      settle: bool = False) -> dict[str, float]:
+    """Items/s of each candidate over `rounds` alternating windows of `seconds / rounds`, so that a
+    noisy neighbour slows every candidate alike (a ratio of sequential measurements would not be
+    fair on a shared machine). settle: wait for the machine to go quiet before each window, for
+    candidates whose pipelines go on filling their buffers after their window ends."""
+    done = dict.fromkeys(windows, 0.0)
+    spent = dict.fromkeys(windows, 0.0)
+    for _ in range(rounds):
+        for name, window in windows.items():
+            if settle:
+                wait_quiet()
+            items, elapsed = window(seconds / rounds)
+            done[name] += items
+            spent[name] += elapsed
+    return {name: done[name] / spent[name] for name in windows}
+
+
 def compare_rates(fns: dict[str, Callable[[], int]], *, seconds: float, rounds: int = 5) -> dict[str, float]:
-    """Best items/s of each function, measured in alternating windows so that a noisy neighbour
-    slows every candidate alike (a ratio of two sequential measurements would not be fair)."""
+    """Items/s of functions that each do one unit of work and return its item count, measured in
+    alternating windows (`interleaved_rates`)."""
+
+    def window(fn: Callable[[], int]) -> Window:
+        def run(length: float) -> tuple[float, float]:
+            done, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < length:
+                done += fn()
+            return done, elapsed
+
+        return run
+
     for fn in fns.values():
         fn()  # warm-up
-    best = dict.fromkeys(fns, 0.0)
-    window = seconds / rounds
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            done, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < window:
-                done += fn()
-            best[name] = max(best[name], done / elapsed)
-    return best
+    return interleaved_rates({name: window(fn) for name, fn in fns.items()}, seconds=seconds, rounds=rounds)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat (None elsewhere); steal
+    time is left out of both, since a neighbour's share is not ours to wait for."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq = fields
+    return user + nice + system + irq + softirq, sum(fields)
+
+
+def wait_quiet(*, busy_below: float = 0.1, interval: float = 0.1, timeout: float = 10.0) -> None:
+    """Wait until the machine's cores are at most `busy_below` busy over `interval` (or `timeout`)."""
+    deadline = time.monotonic() + timeout
+    before = _cpu_jiffies()
+    while before is not None and time.monotonic() < deadline:
+        time.sleep(interval)
+        after = _cpu_jiffies()
+        if after is None:
+            return
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total > 0 and busy / total <= busy_below:
+            return
+        before = after
+    if before is None:
+        time.sleep(1.0)
 
 
 def machine() -> str:

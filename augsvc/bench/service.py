@@ -25,7 +25,9 @@ from ..wire import parse_reply
 from .common import BENCH_SPEC, machine, sample_images, write_json
 
 
-def _engine_proc(path: str, batch: int, seconds: float, out: Any) -> None:
+def _engine_loop(path: str, batch: int, conn: Any) -> None:
+    """One engine process: on each number of seconds received, augment batches flat out for that
+    long and answer (images, elapsed); None ends it."""
     import cv2
 
     from ..engine import augment_batch
@@ -33,26 +35,67 @@ def _engine_proc(path: str, batch: int, seconds: float, out: Any) -> None:
     cv2.setNumThreads(0)
     images = np.load(path)["images"]
     spec = load_spec(BENCH_SPEC)
-    n, epoch, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        ids = np.arange(epoch * batch, (epoch + 1) * batch) % len(images)
-        augment_batch(images[ids], spec, seed=0, epoch=epoch, sample_ids=ids)
-        n += batch
-        epoch += 1
-    out.put(n / (time.perf_counter() - start))
+    epoch = 0
+    while (seconds := conn.recv()) is not None:
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            ids = np.arange(epoch * batch, (epoch + 1) * batch) % len(images)
+            augment_batch(images[ids], spec, seed=0, epoch=epoch, sample_ids=ids)
+            n += batch
+            epoch += 1
+        conn.send((n, elapsed))
+
+
+class EngineProcesses:
+    """`processes` local processes that run the engine flat out on request: the ceiling that the
+    service is compared with. `window(seconds)` is a `bench.common.Window`."""
+
+    def __init__(self, path: str, processes: int, batch: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        for _ in range(processes):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_engine_loop, args=(path, batch, theirs), daemon=True)
+            proc.start()
+            self._conns.append(ours)
+            self._procs.append(proc)
+        self.window(0.2)  # warm-up: imports, the first batches
+
+    def window(self, seconds: float) -> tuple[float, float]:
+        """The images/s of all processes together, as (images, seconds) of one window."""
+        for conn in self._conns:
+            conn.send(seconds)
+        results = []
+        for conn in self._conns:
+            if not conn.poll(seconds + 120):
+                raise TimeoutError("an engine process did not answer")
+            results.append(conn.recv())
+        elapsed = sum(t for _, t in results) / len(results)
+        return sum(n / t for n, t in results) * elapsed, elapsed
+
+    def close(self) -> None:
+        for conn, proc in zip(self._conns, self._procs, strict=True):
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> EngineProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def engine_rate(path: str, processes: int, batch: int, seconds: float) -> float:
     """Images/s of `processes` local processes running the engine flat out (summed)."""
-    ctx = mp.get_context("spawn")
-    q: Any = ctx.Queue()
-    procs = [ctx.Process(target=_engine_proc, args=(path, batch, seconds, q)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    rates = [q.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join()
-    return float(sum(rates))
+    with EngineProcesses(path, processes, batch) as engine:
+        images, elapsed = engine.window(seconds)
+    return images / elapsed
 
 
 def service_rate(target: str, batch: int, seconds: float, num_samples: int, *, shared_memory: bool = False,
