@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,12 @@ def test_default_prefetch_is_sized_by_the_batch(servers: list[str], digits: np.n
         owned = AugmentedStream.from_arrays(client, np.zeros((8, 512, 512, 3), np.uint8), np.zeros(8), SPEC,
                                             batch_size=4, seed=0)  # 3 MiB a batch
         assert owned.prefetch == 32 and owned.chunk == 8
+
+
+def test_embedded_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """Its log is read all along (a long run never blocks on a full stderr pipe) and its tail is the
+    error when it exits before serving."""
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(RuntimeError, match="augsvc serve exited with") as info:
+        EmbeddedServer(datasets={"x": str(missing)}, workers=1)
+    assert "no-such-dataset" in str(info.value)

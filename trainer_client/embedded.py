@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
 from pathlib import Path
 
 
@@ -33,6 +34,9 @@ class EmbeddedServer:
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=env)
         lines: queue.Queue[str | None] = queue.Queue()
+        # The server's log lines, last ones kept: read all the time, so that a server that logs a lot
+        # over a long run never blocks on a full pipe.
+        self.stderr_tail: deque[str] = deque(maxlen=200)
 
         def pump() -> None:
             assert self.process.stdout is not None
@@ -40,13 +44,21 @@ class EmbeddedServer:
                 lines.put(line)
             lines.put(None)
 
+        def pump_stderr() -> None:
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                self.stderr_tail.append(line)
+
         threading.Thread(target=pump, daemon=True).start()
+        stderr_reader = threading.Thread(target=pump_stderr, daemon=True)
+        stderr_reader.start()
         try:
             while True:
                 line = lines.get(timeout=start_timeout)
                 if line is None:
-                    err = self.process.stderr.read() if self.process.stderr else ""
-                    raise RuntimeError(f"augsvc serve exited with {self.process.wait()}: {err[-2000:]}")
+                    code = self.process.wait()
+                    stderr_reader.join(timeout=5)
+                    raise RuntimeError(f"augsvc serve exited with {code}: {''.join(self.stderr_tail)[-2000:]}")
                 if line.startswith("augsvc serving on "):
                     where = line.split()[3]
                     self.target = where if where.startswith("unix:") else where
