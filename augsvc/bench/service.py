@@ -3,11 +3,13 @@ over a served dataset) against images/s of the engine itself in 2 local processe
 same images, same batch size, same run. The ratio is the service's overhead: transport, the
 hand-off to workers, and the client's decoding. Two ways to receive: pixels in the gRPC stream
 (any client, any host), and the shared-memory path a client on the server's host gets (the
-workers write into segments the client offers; the stream carries labels, ids and shapes)."""
+workers write into segments the client offers; the stream carries labels, ids and shapes). The
+three are measured in alternating windows, the machine let go quiet before each."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import tempfile
 import time
@@ -22,7 +24,7 @@ from ..shm import client_pixels, create_client_segment, release_segment
 from ..spec import load_spec
 from ..v1 import augment_pb2 as pb
 from ..wire import parse_reply
-from .common import BENCH_SPEC, machine, sample_images, write_json
+from .common import BENCH_SPEC, Window, interleaved_rates, machine, sample_images, write_json
 
 
 def _engine_loop(path: str, batch: int, conn: Any) -> None:
@@ -98,40 +100,49 @@ def engine_rate(path: str, processes: int, batch: int, seconds: float) -> float:
     return images / elapsed
 
 
-def service_rate(target: str, batch: int, seconds: float, num_samples: int, *, shared_memory: bool = False,
-                 batch_bytes: int = 0) -> float:
-    """Images/s one client receives from StreamBatches, epoch after epoch, as numpy arrays (views
-    of the received messages, or of this client's segments with `shared_memory`)."""
-    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.lookahead_bytes", 8 << 20)]
-    batches = num_samples // batch
-    # One segment per batch of an epoch, reused epoch after epoch: a finished call wrote them all.
-    segments = [create_client_segment(batch_bytes) for _ in range(batches if shared_memory else 0)]
-    by_name = {shm.name: shm for shm, _ in segments}
-    offered = [pb.ShmSegment(name=shm.name, token=token) for shm, token in segments]
-    try:
-        with grpc.insecure_channel(target, options=options) as channel:
-            # The client library's path: replies parsed without copying the pixels (augsvc.wire).
-            stream = channel.unary_stream("/augsvc.v1.Augmenter/StreamBatches",
-                                          request_serializer=pb.StreamBatchesRequest.SerializeToString,
-                                          response_deserializer=parse_reply)
-            spec = load_spec(BENCH_SPEC).to_proto()
-            n, epoch, start = 0, 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                request = pb.StreamBatchesRequest(dataset="bench", spec=spec, seed=0, epoch=epoch, batch_size=batch,
-                                                  drop_last=True, shm_segments=offered)
-                for msg, images in stream(request):
-                    if images is None:
-                        images = client_pixels(by_name[msg.shm_segment], tuple(msg.images.shape))
-                    n += len(images)
-                    del images
-                epoch += 1
-            return n / (time.perf_counter() - start)
-    finally:
-        for shm, _ in segments:
+class ServiceReader:
+    """One client receiving StreamBatches, epoch after epoch, as numpy arrays (views of the received
+    messages, or of this client's segments with `shared_memory`). `window(seconds)` is a
+    `bench.common.Window`; the channel and the segments live as long as the reader."""
+
+    def __init__(self, target: str, batch: int, num_samples: int, *, shared_memory: bool = False,
+                 batch_bytes: int = 0) -> None:
+        options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.lookahead_bytes", 8 << 20)]
+        self._batch = batch
+        # One segment per batch of an epoch, reused epoch after epoch: a finished call wrote them all.
+        self._segments = [create_client_segment(batch_bytes) for _ in range(num_samples // batch if shared_memory
+                                                                             else 0)]
+        self._by_name = {shm.name: shm for shm, _ in self._segments}
+        self._offered = [pb.ShmSegment(name=shm.name, token=token) for shm, token in self._segments]
+        self._channel = grpc.insecure_channel(target, options=options)
+        # The client library's path: replies parsed without copying the pixels (augsvc.wire).
+        self._stream = self._channel.unary_stream("/augsvc.v1.Augmenter/StreamBatches",
+                                                  request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                                                  response_deserializer=parse_reply)
+        self._spec = load_spec(BENCH_SPEC).to_proto()
+        self._epoch = 0
+
+    def window(self, seconds: float) -> tuple[float, float]:
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            request = pb.StreamBatchesRequest(dataset="bench", spec=self._spec, seed=0, epoch=self._epoch,
+                                              batch_size=self._batch, drop_last=True, shm_segments=self._offered)
+            for msg, images in self._stream(request):
+                if images is None:
+                    images = client_pixels(self._by_name[msg.shm_segment], tuple(msg.images.shape))
+                n += len(images)
+                del images
+            self._epoch += 1
+        return n, elapsed
+
+    def close(self) -> None:
+        self._channel.close()
+        for shm, _ in self._segments:
             release_segment(shm, unlink=True)
 
 
-def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, int]) -> list[dict[str, Any]]:
+def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, int],
+        rounds: int = 4) -> list[dict[str, Any]]:
     from ..server import ServerSettings, create_server
 
     rows = []
@@ -141,21 +152,24 @@ def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, in
             count = max(8 * batch, 512)
             path = str(Path(tmp) / f"bench{side}.npz")
             np.savez(path, images=sample_images(count, side), labels=np.zeros(count, np.int64))
-            local = engine_rate(path, workers, batch, seconds)
             settings = ServerSettings(workers=workers, datasets={"bench": path},
                                       max_batch_bytes=max(64 << 20, batch * side * side * 3 * 2))
             server, port = create_server("127.0.0.1:0", settings)
             server.start()
-            rate = partial(service_rate, f"127.0.0.1:{port}", batch, num_samples=count,
-                           batch_bytes=batch * side * side * 3)
-            try:
-                rate(min(2.0, seconds))  # warm-up
-                remote = rate(seconds)
-                rate(min(2.0, seconds), shared_memory=True)
-                remote_shm = rate(seconds, shared_memory=True)
-            finally:
-                server.stop(0)
-            rows.append({"side": side, "batch": batch, "workers": workers, "service": remote,
+            reader = partial(ServiceReader, f"127.0.0.1:{port}", batch, count, batch_bytes=batch * side * side * 3)
+            with contextlib.ExitStack() as stack:
+                stack.callback(server.stop, 0)
+                engine = stack.enter_context(EngineProcesses(path, workers, batch))
+                inline, shm = reader(), reader(shared_memory=True)
+                stack.callback(inline.close)
+                stack.callback(shm.close)
+                windows: dict[str, Window] = {"engine": engine.window, "service": inline.window,
+                                              "service_shm": shm.window}
+                for window in windows.values():
+                    window(min(2.0, seconds / rounds))  # warm-up
+                rates = interleaved_rates(windows, seconds=seconds, rounds=rounds, settle=True)
+            local, remote, remote_shm = rates["engine"], rates["service"], rates["service_shm"]
+            rows.append({"side": side, "batch": batch, "workers": workers, "rounds": rounds, "service": remote,
                          "service_shm": remote_shm, "engine_local": local, "ratio": remote / local,
                          "ratio_shm": remote_shm / local})
     return rows
@@ -165,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="augsvc bench service", description=__doc__)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per candidate and side")
     parser.add_argument("--batch-32", type=int, default=512, help="batch size at 32x32")
     parser.add_argument("--batch-224", type=int, default=64, help="batch size at 224x224")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating windows per candidate")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rows = run(args.sides, workers=args.workers, seconds=args.seconds,
-               batches={32: args.batch_32, 224: args.batch_224})
+               batches={32: args.batch_32, 224: args.batch_224}, rounds=args.rounds)
     print(f"service vs engine, {args.workers} workers vs {args.workers} local engine processes ({machine()})")
     print(f"{'side':>5} {'batch':>6} {'engine img/s':>13} {'service (gRPC bytes)':>21} {'ratio':>6} "
           f"{'service (shared memory)':>24} {'ratio':>6}")
