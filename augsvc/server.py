@@ -143,6 +143,12 @@ def _backend(name: str) -> str:
     return name
 
 
+def _refuse_malformed(request: Any) -> None:
+    """Request bytes that did not parse (`calls.MalformedRequest`) are INVALID_ARGUMENT."""
+    if isinstance(request, MalformedRequest):
+        raise request.error()
+
+
 class AugmenterServicer(pb_grpc.AugmenterServicer):
     def __init__(self, pool: WorkerPool, datasets: dict[str, Dataset], settings: ServerSettings,
                  metrics: ServerMetrics) -> None:
@@ -190,8 +196,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
 
     # -- Augment / AugmentStream -----------------------------------------------------------------
     def _submit_augment(self, request: pb.AugmentRequest) -> futures.Future[tuple[int, bytes]]:
-        if isinstance(request, MalformedRequest):
-            raise request.error()
+        _refuse_malformed(request)
         spec = spec_of(request.spec)
         backend = _backend(request.backend)
         images: Any
@@ -274,8 +279,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
 
     def _stream_batches(self, call: StreamBatchesCall | pb.StreamBatchesRequest, context: grpc.ServicerContext
                         ) -> Iterator[pb.Batch]:
-        if isinstance(call, MalformedRequest):
-            raise call.error()
+        _refuse_malformed(call)
         if isinstance(call, pb.StreamBatchesRequest):  # called directly, not through gRPC
             call = StreamBatchesCall.of(call)
         request = call.message
@@ -370,19 +374,28 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
                                      f"{self._settings.max_batch_bytes} bytes")
 
     # -- metadata --------------------------------------------------------------------------------
-    def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    def ListDatasets(self, request: pb.ListDatasetsRequest | MalformedRequest, context: grpc.ServicerContext
                      ) -> pb.ListDatasetsResponse:
-        infos = [pb.DatasetInfo(name=ds.name, num_samples=ds.num_samples, num_classes=len(ds.class_names),
-                                class_names=ds.class_names, image_shape=list(ds.image_shape or ()),
-                                source=ds.kind) for ds in self._datasets.values()]
-        return pb.ListDatasetsResponse(datasets=infos)
+        def body() -> pb.ListDatasetsResponse:
+            _refuse_malformed(request)
+            infos = [pb.DatasetInfo(name=ds.name, num_samples=ds.num_samples, num_classes=len(ds.class_names),
+                                    class_names=ds.class_names, image_shape=list(ds.image_shape or ()),
+                                    source=ds.kind) for ds in self._datasets.values()]
+            return pb.ListDatasetsResponse(datasets=infos)
 
-    def GetServerInfo(self, request: pb.ServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
-        return pb.ServerInfo(version=__version__, workers=self._pool.worker_count, backends=list(BACKENDS),
-                             max_image_side=self._settings.max_image_side,
-                             max_batch_bytes=self._settings.max_batch_bytes,
-                             max_inflight=self._pool.max_inflight, hostname=socket.gethostname(),
-                             pid=os.getpid())
+        return self._guard("ListDatasets", context, body)
+
+    def GetServerInfo(self, request: pb.ServerInfoRequest | MalformedRequest, context: grpc.ServicerContext
+                      ) -> pb.ServerInfo:
+        def body() -> pb.ServerInfo:
+            _refuse_malformed(request)
+            return pb.ServerInfo(version=__version__, workers=self._pool.worker_count, backends=list(BACKENDS),
+                                 max_image_side=self._settings.max_image_side,
+                                 max_batch_bytes=self._settings.max_batch_bytes,
+                                 max_inflight=self._pool.max_inflight, hostname=socket.gethostname(),
+                                 pid=os.getpid())
+
+        return self._guard("GetServerInfo", context, body)
 
 
 class AugmentServer:

@@ -411,13 +411,21 @@ def test_bad_input_gets_its_code_and_the_server_keeps_serving(main: Served, call
     assert_serving(main)
 
 
-def test_undecodable_request_bytes(main: Served) -> None:
-    """Bytes that are no AugmentRequest at all are refused by gRPC itself (INTERNAL, "Exception
-    deserializing request!"), before any augsvc code runs; the server carries on."""
-    raw = main.channel.unary_unary("/augsvc.v1.Augmenter/Augment")
+@pytest.mark.parametrize("method, kind", [("Augment", "unary_unary"), ("AugmentStream", "stream_stream"),
+                                          ("StreamBatches", "unary_stream"), ("ListDatasets", "unary_unary"),
+                                          ("GetServerInfo", "unary_unary")])
+def test_undecodable_request_bytes(main: Served, method: str, kind: str) -> None:
+    """Bytes that are no message of the method's request type at all: INVALID_ARGUMENT naming the
+    type (grpc alone would answer INTERNAL), for every method; the server carries on."""
+    raw = getattr(main.channel, kind)(f"/augsvc.v1.Augmenter/{method}")
+    garbage = b"\xff\xff\xff\xff"
     with pytest.raises(grpc.RpcError) as info:
-        raw(b"\xff\xff\xff\xff", timeout=TIMEOUT)
-    assert info.value.code() in (INVALID, grpc.StatusCode.INTERNAL)
+        if kind == "unary_unary":
+            raw(garbage, timeout=TIMEOUT)
+        else:
+            list(raw(iter([garbage]) if kind == "stream_stream" else garbage, timeout=TIMEOUT))
+    assert info.value.code() == INVALID, info.value.details()
+    assert "not a valid augsvc.v1." in info.value.details()
     assert_serving(main)
 
 
