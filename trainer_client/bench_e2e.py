@@ -34,8 +34,6 @@ from .client import AugmentClient
 from .embedded import EmbeddedServer
 from .stream import AugmentedStream, default_prefetch
 
-BENCH_SPEC_PATH = "bench-spec"
-
 
 def memory_mb(pid: int | None = None) -> dict[str, float]:
     """Resident memory of a process (this one by default), from /proc: the total ("rss") and its
@@ -48,11 +46,6 @@ def memory_mb(pid: int | None = None) -> dict[str, float]:
             if key in fields:
                 out[fields[key]] = int(line.split()[1]) / 1024
     return out
-
-
-def rss_mb(pid: int | None = None) -> float:
-    """Resident memory of a process (this one by default), from /proc."""
-    return memory_mb(pid)["rss"]
 
 
 class _AlbumentationsDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -151,7 +144,7 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
             def record(epoch: int) -> None:
                 mem = memory_mb(server.pid)
                 memory.append({"epoch": epoch, "server_mb": mem["rss"], "server_anon_mb": mem["anon"],
-                               "server_shmem_mb": mem["shmem"], "client_mb": rss_mb()})
+                               "server_shmem_mb": mem["shmem"], "client_mb": memory_mb()["rss"]})
 
             def stream_epoch(epoch: int) -> AugmentedStream:
                 record(epoch)

@@ -93,13 +93,6 @@ class EngineProcesses:
         self.close()
 
 
-def engine_rate(path: str, processes: int, batch: int, seconds: float) -> float:
-    """Images/s of `processes` local processes running the engine flat out (summed)."""
-    with EngineProcesses(path, processes, batch) as engine:
-        images, elapsed = engine.window(seconds)
-    return images / elapsed
-
-
 class ServiceReader:
     """One client receiving StreamBatches, epoch after epoch, as numpy arrays (views of the received
     messages, or of this client's segments with `shared_memory`). `window(seconds)` is a
