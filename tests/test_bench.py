@@ -37,6 +37,8 @@ def test_bench_e2e_records_memory_and_the_shared_memory_path(tmp_path: Path) -> 
     assert len(row["memory"]) >= 2 and all(m["server_mb"] > 0 and m["client_mb"] > 0 for m in row["memory"])
     # the server's memory split: the dataset lives in shared memory, the rest is anonymous
     assert all(m["server_anon_mb"] > 0 and m["server_shmem_mb"] > 0 for m in row["memory"])
+    # the cores (b) kept busy: its workers did the augmenting
+    assert row["augsvc_cores"]["workers"] > 0 and set(row["augsvc_cores"]) == {"server", "workers", "client"}
 
 
 def test_bench_engine_and_transport(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ The three are measured in alternating windows (`--rounds` each), the machine let
 each, so that a noisy neighbour slows all of them alike; a window of (a) or (b) first takes,
 untimed, the batches its prefetch made ready while the others ran. Also records the resident
 memory of the server process and of the client at every epoch of (b), so growth across epochs is
-visible. Lives in trainer_client because (a) and (b) need torch.
+visible, and the cores that (b)'s server, workers and client kept busy. Lives in trainer_client
+because (a) and (b) need torch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from augsvc.bench.common import Window, albumentations_compose, interleaved_rates, machine, sample_images, write_json
+from augsvc.bench.common import (
+    Window,
+    albumentations_compose,
+    cpu_seconds,
+    descendants,
+    interleaved_rates,
+    machine,
+    sample_images,
+    write_json,
+)
 from augsvc.bench.service import EngineProcesses
 
 from .client import AugmentClient
@@ -152,13 +162,28 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
                 return stream
 
             loader_batches, stream_batches = _forever(lambda _: loader), _forever(stream_epoch)
+            # Where (b)'s CPU goes: the server process, its children (the workers), this client.
+            processes = {"server": [server.pid], "workers": sorted(descendants(server.pid)), "client": [os.getpid()]}
+            busy = dict.fromkeys(processes, 0.0)
+            wall = [0.0]
+            augsvc_window = _batch_window(stream_batches, step, skip=prefetch)
+
+            def augsvc_measured(seconds: float) -> tuple[float, float]:
+                before, start = {k: cpu_seconds(v) for k, v in processes.items()}, time.perf_counter()
+                result = augsvc_window(seconds)
+                wall[0] += time.perf_counter() - start
+                for k, v in processes.items():
+                    busy[k] += cpu_seconds(v) - before[k]
+                return result
+
             windows: dict[str, Window] = {
                 "dataloader": _batch_window(loader_batches, step, skip=prefetch),
-                "augsvc": _batch_window(stream_batches, step, skip=prefetch),
+                "augsvc": augsvc_window,
                 "engine": engine.window,  # (c) the engine in W processes
             }
             for window in windows.values():
                 window(min(2.0, seconds / rounds))  # warm-up: workers started, caches filled
+            windows["augsvc"] = augsvc_measured  # after the warm-up
             rates = interleaved_rates(windows, seconds=seconds, rounds=rounds, settle=True)
             stream_batches.close()  # ends the pass: its fetch threads stop
             loader_batches.close()  # the DataLoader's workers exit
@@ -168,7 +193,8 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
     return {"side": side, "batch": batch, "workers": workers, "train_step": train_step, "images": count,
             "rounds": rounds, "prefetch": prefetch, "dataloader": dataloader, "augsvc": service, "engine": ceiling,
             "augsvc_vs_dataloader": service / dataloader, "augsvc_vs_engine": service / ceiling,
-            "epochs": len(memory) - 1, "received": received, "memory": memory}
+            "epochs": len(memory) - 1, "received": received, "memory": memory,
+            "augsvc_cores": {k: v / wall[0] for k, v in busy.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,5 +224,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['augsvc_vs_dataloader']:>6.2f} {r['augsvc_vs_engine']:>6.2f} "
               f"{m[0]['server_mb']:>10.0f} -> {m[-1]['server_mb']:<9.0f} "
               f"{m[0]['client_mb']:>10.0f} -> {m[-1]['client_mb']:<9.0f}")
+    for r in rows:
+        cores = ", ".join(f"{k} {v:.2f}" for k, v in r["augsvc_cores"].items())
+        print(f"  {r['side']}x{r['side']}: cores busy during (b): {cores}")
     write_json(args.json, {"benchmark": "e2e", "rows": rows})
     return 0

@@ -128,6 +128,51 @@ def wait_quiet(*, busy_below: float = 0.1, interval: float = 0.1, timeout: float
         time.sleep(1.0)
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (None when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of a live (non-zombie) process; None when it is gone or a zombie."""
+    fields = _proc_stat(pid)
+    return int(fields[1]) if fields and fields[0] != "Z" else None
+
+
+def descendants(pid: int) -> set[int]:
+    """Live (non-zombie) processes below `pid`, from a /proc scan."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            parent = parent_of(int(entry))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def cpu_seconds(pids: Any) -> float:
+    """User + system CPU time the processes `pids` have used so far (those gone count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = _proc_stat(pid)
+        if fields:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 

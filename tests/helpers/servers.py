@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from augsvc.bench.common import descendants, parent_of  # noqa: F401 - re-exported for the tests
 from augsvc.server import AugmentServer, ServerSettings, create_server
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
 
@@ -107,33 +108,6 @@ def run_health(target: str, *extra: str, timeout: float = 60.0) -> subprocess.Co
 
 
 # -- processes and shared memory ------------------------------------------------------------------
-
-def parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
-    return int(fields[1]) if fields[0] != "Z" else None  # zombies hold no resources
-
-
-def descendants(pid: int) -> set[int]:
-    """Live (non-zombie) processes below `pid`, from a /proc scan."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            parent = parent_of(int(entry))
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
 
 def alive(pid: int) -> bool:
     return parent_of(pid) is not None
