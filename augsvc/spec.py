@@ -34,15 +34,11 @@ from google.protobuf.message import Message
 from .errors import SpecError
 from .v1 import augment_pb2 as pb
 
-__all__ = ["Spec", "load_spec", "TRANSFORM_NAMES", "GEOMETRIC", "SIZING"]
+__all__ = ["Spec", "load_spec", "TRANSFORM_NAMES"]
 
 _TRANSFORM_ONEOF = pb.Transform.DESCRIPTOR.oneofs_by_name["op"]
-#: Transform names in the order of the proto's oneof.
+#: Transform names (spec keys) in the order of the proto's oneof.
 TRANSFORM_NAMES: tuple[str, ...] = tuple(f.name for f in _TRANSFORM_ONEOF.fields)
-#: Steps that move pixels; consecutive ones may be fused into one warp.
-GEOMETRIC = frozenset({"hflip", "vflip", "rotate", "scale", "resize", "random_resized_crop"})
-#: Steps that fix the output size.
-SIZING = frozenset({"resize", "random_resized_crop"})
 
 _DEFAULT_BORDER = "reflect_101"
 #: Most steps a spec may hold: each step costs a pass over the batch, and a running job cannot be
@@ -226,7 +222,7 @@ def _check_message(msg: Message, path: str) -> None:
 class Spec:
     """A validated augmentation pipeline with every default filled in. Build it with `load_spec`."""
 
-    __slots__ = ("_message", "_steps", "_fingerprint", "_wire")
+    __slots__ = ("_message", "_steps", "_fingerprint", "_wire", "_output_size")
 
     def __init__(self, message: pb.Pipeline, *, _validated: bool = False) -> None:
         if not _validated:
@@ -237,6 +233,10 @@ class Spec:
         )
         self._wire = message.SerializeToString(deterministic=True)
         self._fingerprint = hashlib.sha256(self._wire).hexdigest()[:16]
+        self._output_size: tuple[int, int] | None = None
+        for _name, params in self._steps:
+            if params.DESCRIPTOR.GetOptions().Extensions[pb.output_size] == pb.SETS_SIZE:
+                self._output_size = (int(params.height), int(params.width))
 
     @classmethod
     def from_proto(cls, message: pb.Pipeline) -> Spec:
@@ -285,12 +285,9 @@ class Spec:
 
     @property
     def output_size(self) -> tuple[int, int] | None:
-        """(height, width) fixed by the last sizing step, or None if the input size is kept."""
-        size = None
-        for name, params in self._steps:
-            if name in SIZING:
-                size = (int(params.height), int(params.width))
-        return size
+        """(height, width) set by the last step that sets the size (`output_size = SETS_SIZE` on
+        its proto message), or None if the input size is kept."""
+        return self._output_size
 
     def to_proto(self) -> pb.Pipeline:
         msg = pb.Pipeline()

@@ -13,7 +13,7 @@ from scipy import stats
 
 from augsvc import InvalidInputError, LimitExceededError, SpecError, augment_batch, load_spec
 from augsvc.bench.common import BENCH_SPEC, sample_images
-from augsvc.engine.params import draw_params
+from augsvc.transforms import draw_steps
 
 BACKENDS = ("fused", "albumentations")
 
@@ -393,7 +393,7 @@ def _draw(transforms: list[dict[str, Any]], heights: Any = 64, widths: Any = 64,
     h = np.broadcast_to(np.asarray(heights, np.int64), (N_STATS,)).copy()
     w = np.broadcast_to(np.asarray(widths, np.int64), (N_STATS,)).copy()
     spec = load_spec(transforms)
-    return draw_params(spec, seed=seed, epoch=epoch, sample_ids=STAT_IDS, heights=h, widths=w)
+    return draw_steps(spec, seed=seed, epoch=epoch, sample_ids=STAT_IDS, heights=h, widths=w)
 
 
 def _within_binomial(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -439,20 +439,20 @@ def _check_uniform(values: np.ndarray, lo: float, hi: float) -> None:
 def test_angles_are_uniform_on_limit_range(limit_range: list[float]) -> None:
     (step,) = _draw([{"rotate": {"limit_range": limit_range}}])
     assert step.apply.all()  # rotate's default p is 1
-    _check_uniform(step.values["angle"], *limit_range)
+    _check_uniform(step.values.angle, *limit_range)
 
 
 @pytest.mark.parametrize("scale_range", [[0.9, 1.1], [0.5, 2.0]])
 def test_scales_are_uniform_on_scale_range(scale_range: list[float]) -> None:
     (step,) = _draw([{"scale": {"scale_range": scale_range}}])
-    _check_uniform(step.values["scale"], *scale_range)
+    _check_uniform(step.values.scale, *scale_range)
 
 
 def test_draws_of_different_steps_are_independent() -> None:
     rot, sca = _draw([{"rotate": {"limit_range": [-15, 15]}}, {"scale": {"scale_range": [0.9, 1.1]}}])
-    r = np.corrcoef(rot.values["angle"], sca.values["scale"])[0, 1]
+    r = np.corrcoef(rot.values.angle, sca.values.scale)[0, 1]
     assert abs(r) < 5 / np.sqrt(N_STATS)
-    r = np.corrcoef(rot.values["angle"], rot.apply)[0, 1] if not rot.apply.all() else 0.0
+    r = np.corrcoef(rot.values.angle, rot.apply)[0, 1] if not rot.apply.all() else 0.0
     assert abs(r) < 5 / np.sqrt(N_STATS)
 
 
@@ -463,13 +463,13 @@ def test_color_factors(brightness: float, contrast: float, saturation: float, hu
                                 "hue": hue}}])
     for key, x in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
         lo, hi = max(0.0, 1.0 - x), 1.0 + x
-        values = step.values[key]
+        values = getattr(step.values, key)
         if x == 0:
             np.testing.assert_array_equal(values, 1.0)
         else:
             _check_uniform(values, lo, hi)
     if hue:
-        _check_uniform(step.values["hue"], -hue, hue)
+        _check_uniform(step.values.hue, -hue, hue)
 
 
 def _fallback_box(h: int, w: int, r_lo: float, r_hi: float) -> tuple[int, int, int, int]:
@@ -511,7 +511,7 @@ def test_random_resized_crop_boxes(scale_range: tuple[float, float],
     (step,) = _draw([{"random_resized_crop": params}], heights=heights, widths=widths)
     assert step.apply.all()
     assert (step.out_size[0] == 16).all() and (step.out_size[1] == 16).all()
-    x0, y0, w, h = (step.values[k].astype(np.int64) for k in ("x0", "y0", "w", "h"))
+    x0, y0, w, h = (getattr(step.values, k).astype(np.int64) for k in ("x0", "y0", "w", "h"))
     # inside the image, never empty
     assert (x0 >= 0).all() and (y0 >= 0).all() and (w >= 1).all() and (h >= 1).all()
     assert (x0 + w <= widths).all() and (y0 + h <= heights).all()
@@ -546,7 +546,7 @@ def test_random_resized_crop_falls_back_to_a_centre_crop() -> None:
     (step,) = _draw([{"random_resized_crop": {"height": 8, "width": 8, "scale_range": [0.9, 1.0],
                                               "ratio_range": [1.0, 1.0]}}], heights=10, widths=100)
     for key, want in (("x0", 45), ("y0", 0), ("w", 10), ("h", 10)):
-        np.testing.assert_array_equal(step.values[key], want)
+        np.testing.assert_array_equal(getattr(step.values, key), want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,33 +1,31 @@
 """Apply a spec to a batch: `augment_batch(images, spec, *, seed, epoch, sample_ids, backend)`.
 
-Two backends apply the same vectorized draws (`params.draw_params`): "fused" (default: one warp
-per image for consecutive geometric steps, batch-wide color math) and "albumentations" (the
+Two backends apply the same vectorized draws (`transforms.draw_steps`): "fused" (default: one
+warp per image for consecutive geometric steps, batch-wide color math) and "albumentations" (the
 reference: every step in order with albumentations' own functions).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
 
-import numpy as np  # noqa: E402
+from ..errors import InvalidInputError, LimitExceededError
+from ..rng import as_sample_ids
+from ..spec import Spec, load_spec
+from ..transforms import Draw, draw_steps
+from .fused import run_fused
+from .images import Images
+from .reference import run_reference
 
-from ..errors import InvalidInputError, LimitExceededError  # noqa: E402
-from ..rng import as_sample_ids  # noqa: E402
-from ..spec import Spec, load_spec  # noqa: E402
-from .fused import Images, run_fused  # noqa: E402
-from .params import StepDraw, draw_params  # noqa: E402
-from .reference import run_reference  # noqa: E402
-
-__all__ = ["augment_batch", "check_images", "draw_params", "BACKENDS", "DEFAULT_MAX_SIDE", "StepDraw"]
+__all__ = ["augment_batch", "check_images", "BACKENDS", "DEFAULT_MAX_SIDE"]
 
 #: Largest image side accepted by default (input and output); servers may set their own.
 DEFAULT_MAX_SIDE = 4096
 
-BACKENDS: dict[str, Callable[[Images, list[StepDraw], Spec, np.ndarray | None], Images]] = {
+BACKENDS: dict[str, Callable[[Images, list[Draw[Any]], Spec, np.ndarray | None], Images]] = {
     "fused": run_fused,
     "albumentations": run_reference,
 }
@@ -124,8 +122,8 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         if out.dtype != np.uint8 or out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidInputError(f"out: expected a writable C-contiguous uint8 array of shape {want}, got "
                                     f"{out.dtype} {out.shape}")
-    steps = draw_params(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
-    result = BACKENDS[backend](work, steps, spec, out)
+    draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
+    result = BACKENDS[backend](work, draws, spec, out)
     if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")
     if out is not None:

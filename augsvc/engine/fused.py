@@ -1,32 +1,16 @@
 """The fused backend: one warp per image for each run of consecutive geometric steps, and color
-math over the whole batch at once. Applies exactly the draws of `params.draw_params`."""
+math over the whole batch at once. Applies exactly the draws of `transforms.draw_steps`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import cv2
 import numpy as np
 
-from ..spec import GEOMETRIC, Spec
-from .color import jitter_inplace
-from .extras import apply_extra
-from .geometry import group_matrices
-from .params import StepDraw
-
-BORDERS = {"reflect_101": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT,
-           "replicate": cv2.BORDER_REPLICATE}
-
-Images = np.ndarray | list[np.ndarray]
-
-
-def _as_list(work: Images) -> list[np.ndarray]:
-    return list(work) if isinstance(work, np.ndarray) else work
-
-
-def _stack_if_uniform(images: list[np.ndarray]) -> Images:
-    if images and all(im.shape == images[0].shape for im in images):
-        return np.stack(images)
-    return images
-
+from ..spec import Spec
+from ..transforms import ColorTransform, Draw, GeometricTransform, PixelTransform, Resampling
+from .images import BORDERS, Images, as_list, stack_if_uniform
 
 # OpenCV 5's bilinear warp moves 4-channel pixels much faster than 3-channel ones (measured:
 # 224x224, 366 -> 243 us), so RGB images of this many pixels or more are warped as RGBA; the two
@@ -49,19 +33,41 @@ class _Scratch:
         return self.src, self.dst
 
 
+def _axis_slice(scale: float, shift: float, out: int, size: int) -> slice | None:
+    """The source slice that dst = scale * src + shift maps onto [0, out) along one axis, when
+    that moves whole pixels (scale +-1, an integer shift) inside the image; else None."""
+    if abs(scale) != 1.0 or shift != int(shift):
+        return None
+    t = int(shift)
+    if scale > 0:
+        first, last = -t, out - 1 - t                 # src = dst - t
+        return slice(first, last + 1) if 0 <= first and last < size else None
+    first, last = t, t - (out - 1)                     # src = t - dst, walking backwards
+    if not (last >= 0 and first < size):
+        return None
+    return slice(first, last - 1 if last > 0 else None, -1)
+
+
+def _exact_view(src: np.ndarray, m: np.ndarray, oh: int, ow: int) -> np.ndarray | None:
+    """`src` moved by `m` as a view, when `m` only flips and shifts by whole pixels within the
+    image (identity, flips, crops): exact, and no interpolation to pay for."""
+    if m[0, 1] != 0 or m[1, 0] != 0:
+        return None
+    xs = _axis_slice(float(m[0, 0]), float(m[0, 2]), ow, src.shape[1])
+    ys = _axis_slice(float(m[1, 1]), float(m[1, 2]), oh, src.shape[0])
+    return None if xs is None or ys is None else src[ys, xs]
+
+
 def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray | None,
               border: int, fill: float, scratch: _Scratch) -> np.ndarray:
-    """Warp one (H,W,C) image by the 3x3 matrix `m`; exact slicing for identity and flips."""
-    h, w = src.shape[:2]
-    if (oh, ow) == (h, w) and m[0, 1] == 0 and m[1, 0] == 0 and abs(m[0, 0]) == 1 and abs(m[1, 1]) == 1:
-        fx, fy = m[0, 0] < 0, m[1, 1] < 0
-        if m[0, 2] == (w - 1 if fx else 0) and m[1, 2] == (h - 1 if fy else 0):
-            view = src[::-1 if fy else 1, ::-1 if fx else 1]
-            if dst is None:
-                return np.ascontiguousarray(view)
-            dst[...] = view.reshape(dst.shape)
-            return dst
-    channels = src.shape[2]
+    """Warp one (H,W,C) image by the 3x3 matrix `m` into an oh x ow image."""
+    view = _exact_view(src, m, oh, ow)
+    if view is not None:
+        if dst is None:
+            return np.ascontiguousarray(view)
+        dst[...] = view.reshape(dst.shape)
+        return dst
+    h, w, channels = src.shape
     if dst is None:
         dst = np.empty((oh, ow, channels), np.uint8)
     fills = (fill, fill, fill, fill)
@@ -77,9 +83,21 @@ def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray 
     return dst
 
 
-def _warp(work: Images, group: list[StepDraw], spec: Spec, into: np.ndarray | None = None) -> Images:
-    m = group_matrices(group)
-    oh, ow = group[-1].out_size
+def _run_matrices(run: list[Draw[Any]]) -> np.ndarray:
+    """The composite (N,3,3) matrix of consecutive geometric steps (first step applied first)."""
+    total: np.ndarray | None = None
+    for draw in run:
+        transform = draw.transform
+        assert isinstance(transform, GeometricTransform)
+        m = transform.matrices(draw)
+        total = m if total is None else m @ total
+    assert total is not None
+    return total
+
+
+def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | None = None) -> Images:
+    m = _run_matrices(run)
+    oh, ow = run[-1].out_size
     border = BORDERS[spec.border]
     n = m.shape[0]
     channels = work[0].shape[-1] if n else 1
@@ -95,58 +113,47 @@ def _warp(work: Images, group: list[StepDraw], spec: Spec, into: np.ndarray | No
     return [_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch) for i in range(n)]
 
 
-def _color(work: Images, step: StepDraw, owned: bool) -> Images:
-    idx = np.flatnonzero(step.apply)
-    p = step.params
-    flags = {"use_brightness": p.brightness > 0, "use_contrast": p.contrast > 0,
-             "use_saturation": p.saturation > 0, "use_hue": p.hue > 0}
-    if idx.size == 0 or not any(flags.values()):
-        return work
-    if not owned:  # never write into the caller's images
-        work = work.copy() if isinstance(work, np.ndarray) else [im.copy() for im in work]
-    v = step.values
-    jitter_inplace([work[i] for i in idx], v["brightness"][idx], v["contrast"][idx],
-                   v["saturation"][idx], v["hue"][idx], **flags)
-    return work
-
-
-_RESAMPLING = {"rotate": "turn", "scale": "turn", "resize": "size", "random_resized_crop": "size"}
-
-
-def _warp_group_end(steps: list[StepDraw], i: int) -> int:
-    """End of the run of geometric steps from i that one warp applies. Flips are exact and join
-    any run; a run resamples once: rotate/scale steps together (as albumentations' Affine), or
-    one sizing step — never a sizing step with another resampling step, whose two interpolations
-    the reference backend keeps apart (fusing them changes pixels by several levels)."""
-    kinds: set[str] = set()
+def _warp_run_end(draws: list[Draw[Any]], i: int) -> int:
+    """End of the run of geometric steps from i that one warp applies (see `Resampling`)."""
+    kinds: set[Resampling] = set()
     j = i
-    while j < len(steps) and steps[j].name in GEOMETRIC:
-        kind = _RESAMPLING.get(steps[j].name)
-        if kind is not None:
-            if "size" in kinds or (kind == "size" and kinds):
+    while j < len(draws) and isinstance(transform := draws[j].transform, GeometricTransform):
+        kind = transform.resampling
+        if kind is not Resampling.EXACT:
+            if Resampling.SIZE in kinds or (kind is Resampling.SIZE and kinds):
                 break
             kinds.add(kind)
         j += 1
     return j
 
 
-def run_fused(work: Images, steps: list[StepDraw], spec: Spec, out: np.ndarray | None = None) -> Images:
-    """Apply `steps` to `work` ((N,H,W,C) array or list of (H,W,C) arrays); warps write into
+def _color(work: Images, draw: Draw[Any], transform: ColorTransform[Any], owned: bool) -> Images:
+    index = np.flatnonzero(draw.apply)
+    if index.size == 0 or not transform.acts(draw.params):
+        return work
+    if not owned:  # never write into the caller's images
+        work = work.copy() if isinstance(work, np.ndarray) else [im.copy() for im in work]
+    transform.apply_inplace([work[i] for i in index], draw.values, index, draw.params)
+    return work
+
+
+def run_fused(work: Images, draws: list[Draw[Any]], spec: Spec, out: np.ndarray | None = None) -> Images:
+    """Apply `draws` to `work` ((N,H,W,C) array or list of (H,W,C) arrays); warps write into
     `out` when it has their shape (later in-place color steps then work there too)."""
     i = 0
     owned = False  # True once `work` is an array this function allocated
-    while i < len(steps):
-        step = steps[i]
-        if step.name in GEOMETRIC:
-            j = _warp_group_end(steps, i)
-            work = _warp(work, steps[i:j], spec, out)
+    while i < len(draws):
+        transform = draws[i].transform
+        if isinstance(transform, GeometricTransform):
+            j = _warp_run_end(draws, i)
+            work = _warp(work, draws[i:j], spec, out)
             owned = True
             i = j
             continue
-        if step.name == "color":
-            work = _color(work, step, owned)
-        else:
-            work = _stack_if_uniform(apply_extra(step, _as_list(work)))
+        if isinstance(transform, ColorTransform):
+            work = _color(work, draws[i], transform, owned)
+        elif isinstance(transform, PixelTransform):
+            work = stack_if_uniform(transform.apply(as_list(work), draws[i]))
             owned = isinstance(work, np.ndarray)  # a list may still hold the caller's images
         i += 1
     return work

@@ -1,13 +1,23 @@
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class OutputSize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEEPS_SIZE: _ClassVar[OutputSize]
+    SETS_SIZE: _ClassVar[OutputSize]
+KEEPS_SIZE: OutputSize
+SETS_SIZE: OutputSize
 BOUNDS_FIELD_NUMBER: _ClassVar[int]
 bounds: _descriptor.FieldDescriptor
+OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+output_size: _descriptor.FieldDescriptor
 
 class Bounds(_message.Message):
     __slots__ = ("min", "max", "default", "default_range", "required", "length", "ordered", "exclusive_min", "choices")

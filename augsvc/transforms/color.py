@@ -1,0 +1,140 @@
+"""`color`: color jitter with torchvision/albumentations semantics, applied in the order
+brightness, contrast, saturation, hue, with probability p. Factors are drawn from
+[max(0, 1 - x), 1 + x]; the hue shift from [-hue, hue] (a fraction of the hue circle).
+Saturation and hue do nothing to grayscale images.
+
+The fused application takes few OpenCV passes per image:
+- brightness and contrast fold into ONE lookup table per image (albucore's truncating multiply);
+  contrast's gray mean is taken from the image before brightness and scaled by the brightness
+  factor, which is exact up to clipping and rounding (the reference measures it after).
+- saturation is one `cv2.transform` with the 3x3 matrix s*I + (1-s)*gray_weights (rounded once;
+  the reference rounds the gray image first, so they may differ by one level).
+- hue is the exact HSV round trip, with an exact integer shift of the hue plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .._albumentations import fpixel
+from ..rng import Draws
+from .base import ColorTransform
+
+_GRAY = np.array([0.299, 0.587, 0.114])
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class ColorFactors:
+    brightness: np.ndarray  # multiplicative factors, (N,)
+    contrast: np.ndarray
+    saturation: np.ndarray
+    hue: np.ndarray         # shift, a fraction of the hue circle
+
+
+@dataclass(frozen=True)
+class _Uses:
+    brightness: bool
+    contrast: bool
+    saturation: bool
+    hue: bool
+
+    @classmethod
+    def of(cls, params: Any) -> _Uses:
+        return cls(params.brightness > 0, params.contrast > 0, params.saturation > 0, params.hue > 0)
+
+
+def _shift_hue(hue: np.ndarray, k: int) -> None:
+    """hue = (hue + k) mod 180 in place on a uint8 view holding 0..179, for 0 <= k < 180.
+    uint8 arithmetic wraps modulo 256, which makes `+ k - 180` exact for the values that wrap.
+    (A 3-channel cv2.LUT on the HSV image costs twice as much as these strided numpy passes.)"""
+    if k == 0:
+        return
+    wraps = hue >= 180 - k
+    hue += np.uint8(k)
+    np.subtract(hue, np.uint8(180), out=hue, where=wraps)
+
+
+def _tables(images: list[np.ndarray], f: ColorFactors, uses: _Uses
+            ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Per-image tables for M images, built at once: (M,256) brightness and contrast LUTs,
+    (M,3,3) saturation matrices, (M,) hue shifts in OpenCV hue units (None when unused)."""
+    m = len(images)
+    b, c, s = f.brightness, f.contrast, f.saturation
+    bc = sat = hue = None
+    if uses.brightness or uses.contrast:
+        lut = np.broadcast_to(_LEVELS, (m, 256))
+        if uses.brightness:
+            lut = np.clip(np.floor(lut * b[:, None]), 0, 255)
+        if uses.contrast:
+            channels = images[0].shape[2]
+            means = np.array([cv2.mean(img)[:channels] for img in images]).reshape(m, channels)
+            mean = means @ _GRAY if channels == 3 else means[:, 0]
+            if uses.brightness:
+                mean = np.clip(mean * b - 0.5 * (b != 1.0), 0, 255)
+            lut = np.clip(np.floor(lut * c[:, None] + (mean * (1.0 - c))[:, None]), 0, 255)
+        bc = lut.astype(np.uint8)
+    if uses.saturation:
+        sat = s[:, None, None] * np.eye(3) + (1.0 - s)[:, None, None] * np.outer(np.ones(3), _GRAY)
+    if uses.hue:
+        # OpenCV's hue is 0..179; the reference shifts by floor(h + 180 * factor) mod 180, which for
+        # an integer h is h + floor(180 * factor) mod 180.
+        hue = np.mod(np.floor(180.0 * f.hue), 180).astype(np.int64)
+    return bc, sat, hue
+
+
+class Color(ColorTransform[ColorFactors]):
+    name = "color"
+
+    def draw_values(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray
+                    ) -> tuple[np.ndarray, ColorFactors]:
+        def factor(k: int, x: float) -> np.ndarray:
+            return d.uniform(k, max(0.0, 1.0 - x), 1.0 + x)
+
+        return d.bernoulli(0, params.p), ColorFactors(
+            factor(1, float(params.brightness)), factor(2, float(params.contrast)),
+            factor(3, float(params.saturation)), d.uniform(4, -params.hue, params.hue))
+
+    def acts(self, params: Any) -> bool:
+        uses = _Uses.of(params)
+        return uses.brightness or uses.contrast or uses.saturation or uses.hue
+
+    def apply_inplace(self, images: list[np.ndarray], values: ColorFactors, index: np.ndarray, params: Any) -> None:
+        if not images:
+            return
+        f = ColorFactors(values.brightness[index], values.contrast[index], values.saturation[index],
+                         values.hue[index])
+        bc, sat, hue_shifts = _tables(images, f, _Uses.of(params))
+        rgb = images[0].shape[2] == 3
+        hsv: np.ndarray | None = None  # one HSV buffer for the batch
+        for k, img in enumerate(images):
+            plane = img if rgb else img.reshape(img.shape[:2])
+            if bc is not None:
+                cv2.LUT(plane, bc[k], dst=plane)
+            if rgb and sat is not None:
+                cv2.transform(plane, sat[k], dst=plane)
+            if rgb and hue_shifts is not None:
+                if hsv is None or hsv.shape != plane.shape:
+                    hsv = np.empty_like(plane)
+                cv2.cvtColor(plane, cv2.COLOR_RGB2HSV, dst=hsv)
+                _shift_hue(hsv[..., 0], int(hue_shifts[k]))
+                cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=plane)
+
+    def reference(self, image: np.ndarray, values: ColorFactors, n: int, params: Any) -> Any:
+        uses = _Uses.of(params)
+        if uses.brightness:
+            image = fpixel.adjust_brightness_torchvision(image, float(values.brightness[n]))
+        if uses.contrast:
+            image = fpixel.adjust_contrast_torchvision(image, float(values.contrast[n]))
+        if uses.saturation:
+            image = fpixel.adjust_saturation_torchvision(image, float(values.saturation[n]))
+        if uses.hue:
+            image = fpixel.adjust_hue_torchvision(image, float(values.hue[n]))
+        return image
+
+
+TRANSFORM = Color()
