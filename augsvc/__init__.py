@@ -6,15 +6,12 @@ tree rooted at `AugsvcError` (`SpecError` for every invalid spec).
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 if TYPE_CHECKING:  # the real import is lazy (__getattr__ below); type checkers see the signature
     from .engine import augment_batch
 
-from .errors import (  # noqa: E402
+from .errors import (
     AugsvcError,
     CancelledError,
     InvalidInputError,
@@ -24,8 +21,8 @@ from .errors import (  # noqa: E402
     UnauthenticatedError,
     WorkerUnavailableError,
 )
-from .plan import epoch_batches  # noqa: E402
-from .spec import Spec, load_spec  # noqa: E402
+from .plan import epoch_batches
+from .spec import Spec, load_spec
 
 __version__ = "0.1.0"
 

@@ -34,10 +34,11 @@ import numpy as np
 
 from .errors import InvalidInputError, LimitExceededError
 from .shm import attach_segment, create_segment, release_segment
+from .validation import Limits
 
 __all__ = [
     "Dataset", "DatasetHandle", "DatasetReader", "attach", "load_dataset", "parse_dataset_arg",
-    "check_sample_ids", "decode_images",
+    "decode_images",
 ]
 
 BUILTINS = ("digits",)
@@ -52,22 +53,7 @@ _DEFAULT_CACHE_BUDGET = 2 << 30
 # decoding and validation
 # ---------------------------------------------------------------------------------------------
 
-def check_sample_ids(sample_ids: Any, num_samples: int, field: str = "sample_ids") -> np.ndarray:
-    """The ids as a 1-D int64 array, each in [0, num_samples)."""
-    ids = np.asarray(sample_ids)
-    if ids.ndim != 1:
-        raise InvalidInputError(f"{field}: expected a 1-D list of sample ids, got shape {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise InvalidInputError(f"{field}: sample ids must be integers, got dtype {ids.dtype}")
-    if ids.size:
-        bad = (ids < 0) | (ids >= num_samples)
-        if bad.any():
-            raise InvalidInputError(
-                f"{field}: {ids[bad][0]} is outside [0, {num_samples - 1}] (the dataset has {num_samples})")
-    return ids.astype(np.int64, copy=False)
-
-
-def _open_image(src: str | BinaryIO, what: str, max_side: int | None) -> Any:
+def _open_image(src: str | BinaryIO, what: str, limits: Limits | None) -> Any:
     from PIL import Image
 
     try:
@@ -78,10 +64,12 @@ def _open_image(src: str | BinaryIO, what: str, max_side: int | None) -> Any:
         raise LimitExceededError(f"{what}: the image has too many pixels") from None
     except Exception:
         raise InvalidInputError(f"{what}: not a decodable PNG/JPEG image") from None
-    if max_side is not None and max(img.size) > max_side:
-        img.close()
-        raise LimitExceededError(f"{what}: {img.size[0]}x{img.size[1]} exceeds the maximum image side "
-                                 f"{max_side}")
+    if limits is not None:
+        try:
+            limits.check_header_side(what, *img.size)
+        except LimitExceededError:
+            img.close()
+            raise
     return img
 
 
@@ -94,21 +82,22 @@ def _decode(img: Any, channels: int, what: str) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def decode_images(blobs: Sequence[bytes | memoryview], *, max_side: int | None = None,
-                  max_bytes: int | None = None, field: str = "encoded_images") -> list[np.ndarray]:
+def decode_images(blobs: Sequence[bytes | memoryview], *, limits: Limits | None = None,
+                  field: str = "encoded_images") -> list[np.ndarray]:
     """Decode PNG/JPEG bytes to (H, W, C) uint8; C=1 only when every image is grayscale.
 
-    Opening reads only the headers; with `max_bytes`, a batch whose headers claim more decoded
-    pixels than that is refused (LimitExceededError) before any pixel is decoded."""
-    imgs = [_open_image(io.BytesIO(bytes(b)), f"{field}[{i}]", max_side) for i, b in enumerate(blobs)]
+    Opening reads only the headers; with `limits`, an image side or a batch whose headers claim
+    more decoded pixels than allowed is refused (LimitExceededError) before any pixel is decoded."""
+    imgs = [_open_image(io.BytesIO(bytes(b)), f"{field}[{i}]", limits) for i, b in enumerate(blobs)]
     channels = 1 if imgs and all(im.mode in _GRAY_MODES for im in imgs) else 3
-    if max_bytes is not None:
+    if limits is not None:
         claimed = sum(im.size[0] * im.size[1] for im in imgs) * channels
-        if claimed > max_bytes:
+        try:
+            limits.check_batch_bytes(field, claimed, "the images decode to ")
+        except LimitExceededError:
             for im in imgs:
                 im.close()
-            raise LimitExceededError(f"{field}: the images decode to {claimed} bytes; the limit "
-                                     f"(max_batch_bytes) is {max_bytes}; send fewer or smaller images")
+            raise
     return [_decode(im, channels, f"{field}[{i}]") for i, im in enumerate(imgs)]
 
 
@@ -152,13 +141,15 @@ class DatasetReader:
     def num_samples(self) -> int:
         return self.handle.num_samples
 
-    def gather(self, sample_ids: Any, *, max_side: int | None = None) -> np.ndarray | list[np.ndarray]:
+    def gather(self, sample_ids: Any, *, limits: Limits | None = None) -> np.ndarray | list[np.ndarray]:
         """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
-        otherwise a list of (H, W, C) arrays. Unreadable files name the sample id, not the path."""
-        ids = check_sample_ids(sample_ids, self.handle.num_samples)
+        otherwise a list of (H, W, C) arrays. Unreadable files name the sample id, not the path.
+        The ids are indices checked when the job was made (`augsvc.jobs`)."""
+        ids = np.asarray(sample_ids, np.int64)
         layout = self.handle.layout
         if layout == "dense":
-            return cast(np.ndarray, self._dense[ids])
+            dense: np.ndarray = self._dense[ids]
+            return dense
         if layout == "packed":
             out = []
             for i in ids:
@@ -166,7 +157,7 @@ class DatasetReader:
                 size = h * w * self.handle.channels
                 out.append(self._pixels[off:off + size].reshape(h, w, self.handle.channels).copy())
             return out
-        return self._gather_files(ids, max_side)
+        return self._gather_files(ids, limits)
 
     def path(self, sample_id: int) -> str:
         """The file of one sample of an uncached folder dataset (for logs, never for clients)."""
@@ -175,11 +166,11 @@ class DatasetReader:
         assert self._shm is not None
         return bytes(cast(memoryview, self._shm.buf)[base + lo:base + hi]).decode()
 
-    def _gather_files(self, ids: np.ndarray, max_side: int | None) -> np.ndarray | list[np.ndarray]:
+    def _gather_files(self, ids: np.ndarray, limits: Limits | None) -> np.ndarray | list[np.ndarray]:
         images = []
         for i in ids:
             what = f"sample {int(i)} of dataset {self.handle.name!r}"
-            arr = _decode(_open_image(self.path(int(i)), what, max_side), self.handle.channels, what)
+            arr = _decode(_open_image(self.path(int(i)), what, limits), self.handle.channels, what)
             if self.handle.image_shape is not None and arr.shape != self.handle.image_shape:
                 raise InvalidInputError(f"{what}: the image is now {arr.shape}, it was "
                                         f"{self.handle.image_shape} when the dataset was loaded")

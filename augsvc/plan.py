@@ -2,39 +2,34 @@
 
 `epoch_batches` is the single definition of an epoch, shared by client and server: a
 permutation of the population drawn from (seed, epoch), cut into batches. Any server can
-produce batch k of epoch e, so a batch is an idempotent unit of work.
+produce batch k of epoch e, so a batch is an idempotent unit of work. A server keeps the
+permutations of recent epochs in a `PlanCache`: a trainer asks for one epoch in many calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidInputError
 from .rng import stream_key
+from .validation import population_ids
+
+__all__ = ["PlanCache", "epoch_batches", "epoch_permutation", "num_batches"]
 
 # Draw-slot namespace of the plan; augmentation draws use other keys (augsvc.rng).
 _PLAN_SLOT = 0x504C414E  # "PLAN"
 
 
-def _population(population: int | Sequence[int] | np.ndarray) -> np.ndarray:
-    if isinstance(population, (int, np.integer)):
-        if population < 0:
-            raise InvalidInputError(f"population: {population} is negative; expected a count >= 0")
-        return np.arange(int(population), dtype=np.int64)
-    ids = np.asarray(population)
-    if ids.ndim != 1:
-        raise InvalidInputError(f"population: expected a 1-D array of sample ids, got shape {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise InvalidInputError(f"population: sample ids must be integers, got dtype {ids.dtype}")
-    return ids.astype(np.int64, copy=False)
-
-
 def epoch_permutation(population: int | Sequence[int] | np.ndarray, *, seed: int, epoch: int,
                       shuffle: bool = True) -> np.ndarray:
     """The population in the order epoch `epoch` visits it."""
-    ids = _population(population)
+    ids = population_ids(population)
     if not shuffle or ids.size < 2:
         return ids.copy()
     # A Generator per epoch (not per sample) is cheap, and its key comes from (seed, epoch) only.
@@ -59,3 +54,55 @@ def epoch_batches(population: int | Sequence[int] | np.ndarray, batch_size: int,
     order = epoch_permutation(population, seed=seed, epoch=epoch, shuffle=shuffle)
     count = num_batches(order.size, batch_size, drop_last=drop_last)
     return [order[k * batch_size:(k + 1) * batch_size] for k in range(count)]
+
+
+class PlanCache:
+    """Recent epoch permutations, keyed by (dataset, encoded population, seed, epoch, shuffle), so
+    that the many calls of one epoch decode and permute its population once."""
+
+    def __init__(self, max_bytes: int = 64 << 20, max_entry_bytes: int = 16 << 20, max_entries: int = 8) -> None:
+        self._entries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        # A few entries are enough: a trainer's calls all ask for its current epoch (all ranks
+        # alike); more would only hold old epochs' permutations.
+        self._max_bytes, self._max_entry, self._max_entries = max_bytes, max_entry_bytes, max_entries
+        self._pending: dict[tuple[Any, ...], futures.Future[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(key: tuple[Any, ...], order: np.ndarray) -> int:
+        return int(order.nbytes) + len(key[1])
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> np.ndarray:
+        """The plan for `key`, made by `make()` once: concurrent callers of a missing key (every
+        stream at an epoch's start) wait for the first one's result, or its error."""
+        with self._lock:
+            order = self._entries.get(key)
+            if order is not None:
+                self._entries.move_to_end(key)
+                return order
+            pending = self._pending.get(key)
+            mine = pending is None
+            if pending is None:
+                pending = self._pending[key] = futures.Future()
+        if not mine:
+            return pending.result()
+        try:
+            order = make()
+            order.setflags(write=False)
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        size = self._size(key, order)
+        with self._lock:
+            del self._pending[key]
+            if size <= self._max_entry:
+                self._entries[key] = order
+                self._bytes += size
+                while self._bytes > self._max_bytes or len(self._entries) > self._max_entries:
+                    old_key, old = self._entries.popitem(last=False)
+                    self._bytes -= self._size(old_key, old)
+        pending.set_result(order)
+        return order

@@ -3,11 +3,13 @@
 `WorkerPool.start()` runs before any gRPC server exists. Workers come from a forkserver, so a
 replacement for a dead worker is forked from that clean server process, never from the gRPC
 process. Each worker owns two slots of ``max_batch_bytes`` (input, output) that the parent
-creates; pixels cross only through them, the pipe carries small control tuples.
+creates; pixels cross only through them, the pipe carries the typed jobs of `augsvc.jobs` and
+the worker's typed replies (`augsvc.worker`).
 
 One feeder thread per worker takes jobs from one shared queue, writes the input slot, sends
-the command and waits on both the reply and the process sentinel: a worker that dies mid-job
-fails only that job (`WorkerUnavailableError`, retryable) and is replaced.
+the job and waits on both the reply and the process sentinel: a worker that dies mid-job fails
+only that job (`WorkerUnavailableError`, retryable) and is replaced. `map_ordered` is how a
+stream of jobs runs: a bounded window of them in flight, results in order.
 """
 
 from __future__ import annotations
@@ -21,28 +23,34 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from .datasets import Dataset, check_sample_ids
-from .errors import InvalidInputError, LimitExceededError, NotFoundError, WorkerUnavailableError
-from .shm import create_segment, is_client_segment, release_segment
-from .worker import SLEEP_HOOK_ENV, WorkerConfig, launch_worker, remote_error, wait_ready
+from .datasets import Dataset
+from .errors import CancelledError, LimitExceededError, WorkerUnavailableError
+from .jobs import Augmentation, ClientSegment, Job, Payload, client_pixels, dataset_batch
+from .shm import create_segment, release_segment
+from .validation import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_SIDE, Limits
+from .worker import SLEEP_HOOK_ENV, Done, Failed, WorkerConfig, launch_worker, wait_ready
 
-__all__ = ["WorkerPool", "default_workers"]
+__all__ = ["WorkerPool", "default_workers", "wait_result"]
 
 log = logging.getLogger("augsvc.pool")
 
 _PRELOAD = ["augsvc.worker", "augsvc.engine", "augsvc.datasets", "augsvc.spec", "cv2", "PIL.Image"]
 _HEALTH_INTERVAL_S = 0.5
+_POLL_S = 0.2  # how often a waiting call checks that its caller is still there
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_workers(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
@@ -79,21 +87,35 @@ def _cgroup_quota(root: Path) -> int | None:
     return None
 
 
-Finish = Callable[[np.ndarray, np.ndarray | None, str | None], Any]
+#: Called in the feeder thread with (a view of the output slot, None) while the slot is held, or
+#: with (a zero-strided array of the output's shape, the client segment's name) when the worker
+#: wrote into the job's client segment; its return value becomes the future's result (lets the
+#: server serialize straight from shared memory).
+Finish = Callable[[np.ndarray, str | None], Any]
 
 
 @dataclass
-class _Job:
-    kind: str                         # "augment" | "batch"
-    meta: dict[str, Any]
-    payload: np.ndarray | Sequence[bytes] | None
+class _Queued:
+    job: Job
+    payload: Payload | None
     future: Future[Any]
-    labels: np.ndarray | None = None
-    # Called in the feeder thread with (view of the output slot, labels, None) while the slot is
-    # held; its return value becomes the future's result (lets the server serialize straight from
-    # shm). When the worker wrote into the client segment meta["out_segment"], it is called with
-    # (a zero-strided array of the output's shape, labels, that segment's name) instead.
-    finish: Finish | None = None
+    finish: Finish | None
+
+
+def _copy_out(view: np.ndarray, _segment: str | None) -> np.ndarray:
+    return view.copy()
+
+
+def wait_result(future: Future[T], is_active: Callable[[], bool]) -> T:
+    """The future's result, giving up (and cancelling queued work) when `is_active()` turns false:
+    the caller went away or its deadline passed."""
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except FutureTimeout:
+            if not is_active():
+                future.cancel()
+                raise CancelledError("the call was cancelled or its deadline passed") from None
 
 
 @dataclass
@@ -123,22 +145,20 @@ class WorkerPool:
     """
 
     def __init__(self, workers: int, *, datasets: Mapping[str, Dataset] | None = None,
-                 max_batch_bytes: int = 64 << 20, max_inflight: int | None = None,
-                 max_image_side: int = 4096, start_timeout_s: float = 120.0) -> None:
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, max_inflight: int | None = None,
+                 max_image_side: int = DEFAULT_MAX_SIDE, start_timeout_s: float = 120.0) -> None:
         inflight = 1 if max_inflight is None else max_inflight
-        for name, value in [("workers", workers), ("max_batch_bytes", max_batch_bytes),
-                            ("max_inflight", inflight), ("max_image_side", max_image_side)]:
+        for name, value in [("workers", workers), ("max_inflight", inflight)]:
             if value < 1:
                 raise ValueError(f"{name}: {value} is not allowed; expected >= 1")
+        self.limits = Limits(max_image_side=max_image_side, max_batch_bytes=max_batch_bytes)
         self._n = workers
         self._datasets = dict(datasets or {})
-        self.max_batch_bytes = max_batch_bytes
         self.max_inflight = max_inflight if max_inflight is not None else max(8, 4 * workers)
-        self.max_image_side = max_image_side
         self._start_timeout_s = start_timeout_s
         self._ctx = mp.get_context("forkserver")
         self._cond = threading.Condition()
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Queued] = deque()
         self._slots: list[_Slot] = []
         self._inflight = 0
         self._counts = {"restarts": 0, "completed": 0, "failed": 0, "cancelled": 0}
@@ -153,14 +173,13 @@ class WorkerPool:
         if self._started:
             return self
         self._started = True
-        os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # the forkserver inherits it; it imports albumentations
         self._ctx.set_forkserver_preload(_PRELOAD)
         atexit.register(self.close)
         try:
             for i in range(self._n):
-                in_shm = create_segment(self.max_batch_bytes, f"in{i}", reserve=False)
+                in_shm = create_segment(self.limits.max_batch_bytes, f"in{i}", reserve=False)
                 try:
-                    out_shm = create_segment(self.max_batch_bytes, f"out{i}", reserve=False)
+                    out_shm = create_segment(self.limits.max_batch_bytes, f"out{i}", reserve=False)
                 except BaseException:
                     release_segment(in_shm, unlink=True)
                     raise
@@ -227,66 +246,112 @@ class WorkerPool:
             return {"workers": self._n, "alive": sum(s.alive for s in self._slots),
                     "inflight": self._inflight, "queued": len(self._queue), **self._counts}
 
+    @property
+    def max_batch_bytes(self) -> int:
+        return self.limits.max_batch_bytes
+
+    @property
+    def max_image_side(self) -> int:
+        return self.limits.max_image_side
+
     # -- submitting ----------------------------------------------------------------------------
-    def submit_augment(self, images: np.ndarray | Sequence[bytes], spec_bytes: bytes, *, seed: int,
-                       epoch: int, sample_ids: Any, backend: str = "fused",
-                       finish: Finish | None = None) -> Future[Any]:
-        """Augment an (N, H, W, C) uint8 array, or N encoded PNG/JPEG images (decoded in the worker).
-        With `finish`, the result is finish(view of the output, None, None) instead of a copy."""
-        ids = np.asarray(sample_ids)
-        meta: dict[str, Any] = {"spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
-                                "sample_ids": ids, "backend": backend}
-        if isinstance(images, np.ndarray):
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-                raise InvalidInputError(f"images: {images.dtype} {tuple(images.shape)} is not a uint8 "
-                                        "(N, H, W, C) batch with C in {1, 3}")
-            if max(images.shape[1:3]) > self.max_image_side:
-                raise LimitExceededError(f"images: side {max(images.shape[1:3])} is over the limit of "
-                                         f"{self.max_image_side} pixels")
-            self._check_bytes(images.nbytes, "images")
-            meta.update(shape=images.shape, channels=images.shape[3])
-            count = len(images)
-        else:
-            blobs = list(images)
-            if not all(isinstance(b, (bytes, bytearray, memoryview)) for b in blobs):
-                raise InvalidInputError("encoded_images: expected bytes (PNG/JPEG) per image")
-            self._check_bytes(sum(len(b) for b in blobs), "encoded_images")
-            meta["lengths"] = [len(b) for b in blobs]
-            images, count = blobs, len(blobs)
-        if ids.ndim != 1 or len(ids) != count:
-            raise InvalidInputError(f"sample_ids: {ids.size} ids for {count} images; expected one per image")
-        return self._submit(_Job("augment", meta, images, Future(), finish=finish))
+    def submit(self, job: Job, payload: Payload | None = None, finish: Finish | None = None) -> Future[Any]:
+        """Queue a job (built by `augsvc.jobs`, which checked it); `payload` is a ClientPixels
+        job's input. The Future's result is finish(view of the output, segment), or a copy of the
+        output without `finish`."""
+        return self._submit(_Queued(job, payload, Future(), finish))
 
-    def submit_batch(self, dataset: str, sample_ids: Any, spec_bytes: bytes, *, seed: int, epoch: int,
+    def submit_augment(self, images: np.ndarray | Sequence[bytes], spec: Any, *, seed: int, epoch: int,
+                       sample_ids: Any, backend: str = "fused", finish: Finish | None = None) -> Future[Any]:
+        """Augment an (N, H, W, C) uint8 array, or N encoded PNG/JPEG images (decoded in the worker);
+        `spec` is a Spec, its wire bytes, or anything `load_spec` takes."""
+        augmentation = Augmentation.of(spec, seed=seed, epoch=epoch, backend=backend)
+        job, payload = client_pixels(images, augmentation, sample_ids, self.limits)
+        return self.submit(job, payload, finish)
+
+    def submit_batch(self, dataset: str, sample_ids: Any, spec: Any, *, seed: int, epoch: int,
                      backend: str = "fused", finish: Finish | None = None,
-                     out_segment: tuple[str, bytes] | None = None) -> Future[Any]:
-        """Augment samples of a served dataset; the worker reads them from shared memory.
-        The Future's result is (images, labels), or finish(view of the output, labels, segment).
-        out_segment (with `finish` only): (name, token) of a client segment
-        (`augsvc.shm.create_client_segment`) the worker writes the pixels into when it can;
+                     out_segment: ClientSegment | None = None) -> Future[Any]:
+        """Augment samples of a served dataset; the worker reads them from shared memory. The
+        Future's result is (images, labels), or finish(...) as for `submit`. out_segment: a client
+        segment (`augsvc.shm.create_client_segment`) the worker writes the pixels into when it can;
         `finish` learns whether it did."""
-        ds = self._datasets.get(dataset)
-        if ds is None:
-            served = ", ".join(sorted(self._datasets)) or "none"
-            raise NotFoundError(f"dataset: {dataset!r} is not served here; available: {served}")
-        ids = check_sample_ids(sample_ids, ds.num_samples)
-        if ds.image_shape is not None:
-            self._check_bytes(len(ids) * math.prod(ds.image_shape), "sample_ids")
-        meta = {"dataset": dataset, "spec": _spec_bytes(spec_bytes), "seed": seed, "epoch": epoch,
-                "sample_ids": ids, "backend": backend, "channels": ds.channels}
-        if out_segment is not None:
-            if finish is None or not is_client_segment(out_segment[0]):
-                raise InvalidInputError(f"out_segment: {out_segment[0]!r} is not a client segment name "
-                                        "(or no finish hook was given)")
-            meta["out_segment"] = out_segment
-        return self._submit(_Job("batch", meta, None, Future(), labels=ds.labels[ids], finish=finish))
+        augmentation = Augmentation.of(spec, seed=seed, epoch=epoch, backend=backend)
+        job = dataset_batch(self._datasets, dataset, sample_ids, augmentation, self.limits, out_segment)
+        if finish is None:
+            labels = self._datasets[job.dataset].labels[job.sample_ids]
 
-    def _check_bytes(self, nbytes: int, what: str) -> None:
-        if nbytes > self.max_batch_bytes:
-            raise LimitExceededError(f"{what}: the batch is {nbytes} bytes; the limit (max_batch_bytes) is "
-                                     f"{self.max_batch_bytes}; send fewer or smaller images")
+            def finish(view: np.ndarray, _segment: str | None) -> tuple[np.ndarray, np.ndarray]:
+                return view.copy(), labels
 
-    def _submit(self, job: _Job) -> Future[Any]:
+        return self.submit(job, None, finish)
+
+    def map_ordered(self, items: Iterable[T], submit: Callable[[T], Future[R]], *, is_active: Callable[[], bool],
+                    window: int | None = None) -> Iterator[R]:
+        """Results of `submit(item)` for each item, in item order, with at most `window` (default:
+        two per worker, so each worker has its next job queued while the last is being sent)
+        submitted and not yet yielded. A reader thread pulls the items, so a source that blocks
+        (a client's request stream that waits for replies) never holds back a ready result. An
+        item whose submit raises ends the map with that error, in its place. Leaving early, or the
+        caller going away (`is_active()` false), cancels the work still queued."""
+        limit = window or 2 * self._n
+        pending: deque[Future[R] | Exception] = deque()
+        cond = threading.Condition()
+        state = {"read_all": False, "stop": False}
+
+        def room() -> bool:
+            return len(pending) < limit or state["stop"] or not is_active()
+
+        def read() -> None:
+            try:
+                for item in items:
+                    with cond:
+                        while not cond.wait_for(room, timeout=_POLL_S):
+                            pass
+                        if state["stop"] or not is_active():
+                            return
+                    try:
+                        entry: Future[R] | Exception = submit(item)
+                    except Exception as exc:  # noqa: BLE001 - reported in order, below
+                        entry = exc
+                    with cond:
+                        pending.append(entry)
+                        cond.notify_all()
+                    if isinstance(entry, Exception):
+                        return
+            except Exception:  # noqa: BLE001 - the source broke (a client's stream): nothing more to read
+                pass
+            finally:
+                with cond:
+                    state["read_all"] = True
+                    cond.notify_all()
+
+        threading.Thread(target=read, name="augsvc-map-reader", daemon=True).start()
+        try:
+            while True:
+                with cond:
+                    while not pending and not state["read_all"]:
+                        cond.wait(_POLL_S)
+                        if not is_active():
+                            raise CancelledError("the call was cancelled or its deadline passed")
+                    if not pending:
+                        return
+                    entry = pending.popleft()
+                    cond.notify_all()
+                if isinstance(entry, Exception):
+                    raise entry
+                yield wait_result(entry, is_active)
+        finally:
+            with cond:
+                state["stop"] = True
+                left = list(pending)
+                pending.clear()
+                cond.notify_all()
+            for entry in left:
+                if isinstance(entry, Future):
+                    entry.cancel()
+
+    def _submit(self, job: _Queued) -> Future[Any]:
         with self._cond:
             if not self._started or self._closing:
                 raise WorkerUnavailableError("the worker pool is not running; retry on another server")
@@ -302,7 +367,7 @@ class WorkerPool:
         job.future.add_done_callback(lambda fut: self._job_done(fut, job_ref()))
         return job.future
 
-    def _job_done(self, fut: Future[Any], job: _Job | None) -> None:
+    def _job_done(self, fut: Future[Any], job: _Queued | None) -> None:
         with self._cond:
             self._inflight -= 1
             if fut.cancelled():
@@ -348,46 +413,42 @@ class WorkerPool:
                     if not job.future.done():
                         job.future.set_exception(RuntimeError(f"internal error: {type(exc).__name__}"))
 
-    def _run(self, slot: _Slot, job: _Job) -> None:
+    def _run(self, slot: _Slot, queued: _Queued) -> None:
         assert slot.conn is not None and slot.process is not None
-        if isinstance(job.payload, np.ndarray):
-            np.copyto(np.ndarray(job.payload.shape, np.uint8, buffer=slot.in_shm.buf), job.payload)
-        elif job.payload is not None:
+        payload, queued.payload = queued.payload, None
+        if isinstance(payload, np.ndarray):
+            np.copyto(np.ndarray(payload.shape, np.uint8, buffer=slot.in_shm.buf), payload)
+        elif payload is not None:
             buf, pos = cast(memoryview, slot.in_shm.buf), 0
-            for blob in job.payload:
+            for blob in payload:
                 buf[pos:pos + len(blob)] = blob
                 pos += len(blob)
-        job.payload = None
+        del payload
         reply = None
         try:
-            slot.conn.send((job.kind, job.meta))
+            slot.conn.send(queued.job)
             ready = wait([slot.conn, slot.process.sentinel])
             if slot.conn in ready or slot.conn.poll(0):
                 reply = slot.conn.recv()
         except (EOFError, OSError):
             pass
-        if reply is None:
-            self._worker_died(slot, job)
-        elif reply[0] == "ok":
-            shape, segment = reply[1], reply[2]
-            if segment is not None:  # the pixels are in the client's segment: pass their shape
-                view = np.broadcast_to(np.zeros((), np.uint8), shape)
+        if isinstance(reply, Done):
+            if reply.segment is not None:  # the pixels are in the client's segment: pass their shape
+                view = np.broadcast_to(np.zeros((), np.uint8), reply.shape)
             else:
-                view = np.ndarray(shape, np.uint8, buffer=slot.out_shm.buf)
-            if job.finish is not None:
-                try:
-                    result = job.finish(view, job.labels, segment)
-                except Exception as exc:  # noqa: BLE001 - the caller's hook; reported to the caller
-                    job.future.set_exception(exc)
-                    return
-                job.future.set_result(result)
+                view = np.ndarray(reply.shape, np.uint8, buffer=slot.out_shm.buf)
+            try:
+                result = (queued.finish or _copy_out)(view, reply.segment)
+            except Exception as exc:  # noqa: BLE001 - the caller's hook; reported to the caller
+                queued.future.set_exception(exc)
                 return
-            images = view.copy()
-            job.future.set_result(images if job.labels is None else (images, job.labels))
+            queued.future.set_result(result)
+        elif isinstance(reply, Failed):
+            queued.future.set_exception(reply.exception())
         else:
-            job.future.set_exception(remote_error(reply[1], reply[2]))
+            self._worker_died(slot, queued)
 
-    def _worker_died(self, slot: _Slot, job: _Job) -> None:
+    def _worker_died(self, slot: _Slot, job: _Queued) -> None:
         assert slot.process is not None
         slot.process.join(timeout=5)
         if slot.process.exitcode is None:  # its pipe broke but it lives on: not to be trusted
@@ -408,11 +469,9 @@ class WorkerPool:
     # -- processes -----------------------------------------------------------------------------
     def _spawn(self, slot: _Slot) -> None:
         config = WorkerConfig(
-            index=slot.index, in_slot=slot.in_shm.name, out_slot=slot.out_shm.name,
-            slot_bytes=self.max_batch_bytes, max_image_side=self.max_image_side,
+            index=slot.index, in_slot=slot.in_shm.name, out_slot=slot.out_shm.name, limits=self.limits,
             datasets={name: ds.handle() for name, ds in self._datasets.items()},
-            env={"NO_ALBUMENTATIONS_UPDATE": "1",  # forkserver children inherit its env, not ours: pass it on
-                 **{k: v for k, v in os.environ.items() if k == SLEEP_HOOK_ENV}})
+            sleep_hook=os.environ.get(SLEEP_HOOK_ENV, ""))
         with self._cond:
             if self._closing:
                 raise _Closing
@@ -448,12 +507,3 @@ class WorkerPool:
             proc.close()
         except ValueError:
             pass
-
-
-def _spec_bytes(spec: Any) -> bytes:
-    """Wire bytes of a spec; a Spec (or anything load_spec takes) is accepted for convenience."""
-    if isinstance(spec, (bytes, bytearray)):
-        return bytes(spec)
-    from .spec import load_spec
-
-    return load_spec(spec).to_bytes()

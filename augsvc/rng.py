@@ -40,24 +40,6 @@ def stream_key(seed: int, epoch: int, slot: int) -> int:
     return _mix_int(k ^ (int(slot) * _GOLDEN + 0x5107))
 
 
-def as_sample_ids(sample_ids: object, count: int | None = None) -> np.ndarray:
-    """Sample ids as a 1-D uint64 array (negative ids wrap, as on the uint64 wire field)."""
-    ids = np.asarray(sample_ids)
-    if ids.ndim != 1:
-        from .errors import InvalidInputError
-
-        raise InvalidInputError(f"sample_ids: expected a 1-D sequence of integers, got shape {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        from .errors import InvalidInputError
-
-        raise InvalidInputError(f"sample_ids: expected integers, got dtype {ids.dtype}")
-    if count is not None and ids.size != count:
-        from .errors import InvalidInputError
-
-        raise InvalidInputError(f"sample_ids: {ids.size} ids for {count} images; expected one id per image")
-    return ids.astype(np.uint64)
-
-
 def hash_bits(seed: int, epoch: int, sample_ids: np.ndarray, slot: int) -> np.ndarray:
     """64 random bits per sample id for draw `slot` (uint64 array)."""
     key = np.uint64(stream_key(seed, epoch, slot))

@@ -2,13 +2,13 @@
 the worker pool first, then builds the gRPC server around the Augmenter servicer
 (`augsvc.servicer`) with health, reflection, the token interceptor and TLS, so no process is
 forked once gRPC threads exist (DESIGN contract 5). `AugmentServer.stop()` drains and frees.
+`ServerSettings` (augsvc/settings.py) is re-exported here, where servers are made.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,41 +19,9 @@ from .metrics import ServerMetrics
 from .pool import WorkerPool, default_workers
 from .security import TokenInterceptor, is_local_address, server_credentials
 from .servicer import SERVICE_NAME, AugmenterServicer, add_augmenter_servicer
+from .settings import ServerSettings
 
 __all__ = ["SERVICE_NAME", "AugmentServer", "ServerSettings", "create_server"]
-
-
-@dataclass
-class ServerSettings:
-    """Everything `augsvc serve` can configure; defaults suit one trainer on one host."""
-
-    workers: int | None = None                 # None: the CPU quota this process may use
-    datasets: dict[str, str] = field(default_factory=dict)   # name -> source
-    builtin_side: int = 32
-    cache_budget_bytes: int = 2 << 30
-    max_image_side: int = 4096
-    max_batch_bytes: int = 64 << 20
-    max_inflight: int | None = None            # jobs queued or running in the pool
-    max_concurrent_rpcs: int = 64
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    token: str | None = None
-    insecure: bool = False                     # allow plaintext beyond loopback
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    grace_seconds: float = 10.0
-    # Close client connections after this long so round_robin clients re-resolve DNS and see
-    # pods an autoscaler added (None: keep connections).
-    max_connection_age_seconds: float | None = None
-    # Let clients on this host (unix socket or loopback peers) receive pixels through shared
-    # memory they create (StreamBatchesRequest.shm_segments) instead of the gRPC stream.
-    shared_memory: bool = True
-
-    @property
-    def max_message_bytes(self) -> int:
-        # A batch plus its labels and ids, with room for the encoding.
-        return self.max_batch_bytes + (1 << 20) + self.max_batch_bytes // 16
 
 
 class AugmentServer:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InvalidInputError, LimitExceededError
+from .errors import InvalidInputError
 from .v1 import augment_pb2 as pb
+from .validation import Limits
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
@@ -18,9 +19,9 @@ def encode_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(data=array.tobytes(), shape=list(array.shape), dtype=str(array.dtype))
 
 
-def check_tensor_shape(msg: pb.Tensor, nbytes: int, *, field: str = "images", max_side: int | None = None,
-                       max_bytes: int | None = None) -> tuple[int, int, int, int]:
-    """The (N,H,W,C) a Tensor claims, checked against its `nbytes` of data and the limits."""
+def check_tensor_shape(msg: pb.Tensor, nbytes: int, *, field: str = "images", limits: Limits | None = None
+                       ) -> tuple[int, int, int, int]:
+    """The (N,H,W,C) a Tensor claims, checked against its `nbytes` of data and the `limits`."""
     if msg.dtype != "uint8":
         raise InvalidInputError(f"{field}.dtype: {msg.dtype!r} is not supported; expected 'uint8'")
     shape = tuple(int(s) for s in msg.shape)
@@ -32,20 +33,18 @@ def check_tensor_shape(msg: pb.Tensor, nbytes: int, *, field: str = "images", ma
     if n < 0 or h < 1 or w < 1:
         raise InvalidInputError(f"{field}.shape: {list(shape)} has an empty or negative side; "
                                 "expected N >= 0 and H, W >= 1")
-    if max_side is not None and max(h, w) > max_side:
-        raise LimitExceededError(f"{field}.shape: side {max(h, w)} is over the limit of {max_side} pixels")
     expected = n * h * w * c
-    if max_bytes is not None and expected > max_bytes:
-        raise LimitExceededError(f"{field}: {expected} bytes is over the batch limit of {max_bytes} bytes")
+    if limits is not None:
+        limits.check_side(f"{field}.shape", h, w)
+        limits.check_batch_bytes(field, expected)
     if nbytes != expected:
         raise InvalidInputError(f"{field}.data: {nbytes} bytes do not match shape {list(shape)} "
                                 f"({expected} bytes expected)")
     return n, h, w, c
 
 
-def decode_tensor(msg: pb.Tensor, *, field: str = "images", max_side: int | None = None,
-                  max_bytes: int | None = None) -> np.ndarray:
+def decode_tensor(msg: pb.Tensor, *, field: str = "images", limits: Limits | None = None) -> np.ndarray:
     """A read-only (N,H,W,C) uint8 view of the message's bytes, after every check."""
     data = msg.data
-    shape = check_tensor_shape(msg, len(data), field=field, max_side=max_side, max_bytes=max_bytes)
+    shape = check_tensor_shape(msg, len(data), field=field, limits=limits)
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)

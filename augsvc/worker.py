@@ -1,18 +1,17 @@
-"""The worker-process side of `augsvc.pool`: one loop that augments what the parent hands it,
-and the two parent-side helpers that start a worker and wait until it is ready.
+"""The worker-process side of `augsvc.pool`: one loop that runs the jobs the parent hands it, the
+messages of the pipe between them, and the two parent-side helpers that start a worker and wait
+until it is ready.
 
 A worker is a forkserver child: it inherits no memory from the gRPC process, only what its
-arguments name — two shared-memory slots (input, output) and the dataset handles. Control
-messages on the pipe are small tuples; pixels only ever cross through the slots.
+`WorkerConfig` names — two shared-memory slots (input, output) and the dataset handles. The pipe
+carries small typed messages; pixels only ever cross through the slots.
 
-    parent -> worker   ("augment", meta) | ("batch", meta) | ("stop",)   (the pool stops with SIGTERM)
-    worker -> parent   ("ready", pid) | ("fatal", message)          once, at start
-                       ("ok", shape, segment) | ("err", class name, message) once per job
+    parent -> worker   a job (`jobs.DatasetBatch` | `jobs.ClientPixels`); the pool stops workers with SIGTERM
+    worker -> parent   `Ready` or `Fatal`, once, at start; then `Done` or `Failed` per job
 
-A batch job may name a client's segment (meta "out_segment": (name, token), shared-memory reply
-path): the pixels then go there instead of the output slot, and "ok" names it; when the segment
-cannot be used (gone, too small, a wrong token, not a client segment) they go to the output slot
-and "ok" names none.
+A DatasetBatch may name a client's segment (the shared-memory reply path): the pixels then go
+there instead of the output slot, and `Done.segment` names it; when the segment cannot be used
+(gone, too small, a wrong token) they go to the output slot and `Done.segment` is None.
 
 augsvc errors travel back as their class name and message; anything else is logged here with
 its traceback and reaches the parent as an internal error that names only its type.
@@ -37,15 +36,17 @@ from typing import Any, cast
 import numpy as np
 
 from . import errors
+from .jobs import ClientSegment, DatasetBatch, Job
+from .validation import Limits
 
-__all__ = ["WorkerConfig", "launch_worker", "remote_error", "wait_ready", "worker_main"]
+__all__ = ["Done", "Failed", "Fatal", "Ready", "WorkerConfig", "launch_worker", "remote_error",
+           "wait_ready", "worker_main"]
 
 log = logging.getLogger("augsvc.worker")
 
 #: Test-only hook: "SEED:SECONDS" makes a worker sleep before any job with that seed, so a test
 #: can kill it mid-job. Forwarded from the parent's environment at worker start.
 SLEEP_HOOK_ENV = "AUGSVC_TEST_WORKER_SLEEP"
-_SPEC_CACHE_SIZE = 32
 _CLIENT_SEGMENTS_CACHED = 64  # clients cycle through a few segments each: stay attached to them
 _IDLE_RELEASE_S = 30.0  # an idle worker lets go of every client segment
 
@@ -57,10 +58,46 @@ class WorkerConfig:
     index: int
     in_slot: str
     out_slot: str
-    slot_bytes: int
-    max_image_side: int
+    limits: Limits                   # max_batch_bytes is also the size of each slot
     datasets: dict[str, Any]         # name -> augsvc.datasets.DatasetHandle
-    env: dict[str, str]
+    sleep_hook: str = ""             # SLEEP_HOOK_ENV's value, for tests
+
+
+# -- the pipe's messages ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> parent: started, attached to its slots and datasets."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """Worker -> parent: could not start."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """Worker -> parent: the job's output, of `shape`, is in the output slot, or in the client
+    segment `segment`."""
+
+    shape: tuple[int, ...]
+    segment: str | None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Worker -> parent: the job failed with an augsvc error (`error` is its class name) or an
+    internal one (`error` is "internal")."""
+
+    error: str
+    message: str
+
+    def exception(self) -> Exception:
+        return remote_error(self.error, self.message)
 
 
 def remote_error(class_name: str, message: str) -> Exception:
@@ -79,75 +116,52 @@ class _Worker:
         from .shm import attach_segment
 
         self.config = config
+        self.limits = config.limits
         self.augment_batch = augment_batch
         self.in_shm = attach_segment(config.in_slot)
         self.out_shm = attach_segment(config.out_slot)
         self.datasets = {name: attach(h) for name, h in config.datasets.items()}
-        self.specs: OrderedDict[bytes, Any] = OrderedDict()
         self.client_segments: OrderedDict[str, Any] = OrderedDict()
-        hook = config.env.get(SLEEP_HOOK_ENV, "")
-        seed, _, seconds = hook.partition(":")
-        self.sleep_hook = (int(seed), float(seconds)) if hook else None
+        seed, _, seconds = config.sleep_hook.partition(":")
+        self.sleep_hook = (int(seed), float(seconds)) if config.sleep_hook else None
 
-    def spec(self, spec_bytes: bytes) -> Any:
-        """The validated Spec for wire bytes; cached because a stream sends the same spec often."""
-        spec = self.specs.get(spec_bytes)
-        if spec is not None:
-            self.specs.move_to_end(spec_bytes)
-            return spec
-        from google.protobuf.message import DecodeError
+    def images(self, job: Job) -> Any:
+        """The job's input images: read from the dataset, or from the input slot."""
+        if isinstance(job, DatasetBatch):
+            return self.datasets[job.dataset].gather(job.sample_ids, limits=self.limits)
+        if job.shape is not None:
+            return np.ndarray(job.shape, np.uint8, buffer=self.in_shm.buf)
+        from .datasets import decode_images
 
-        from .spec import load_spec
-        from .v1 import augment_pb2 as pb
-
+        buf, blobs, pos = cast(memoryview, self.in_shm.buf), [], 0
+        for n in job.encoded_lengths:
+            blobs.append(buf[pos:pos + n])
+            pos += n
         try:
-            message = pb.Pipeline.FromString(spec_bytes)
-        except DecodeError:
-            raise errors.SpecError("spec: not a valid augsvc.v1.Pipeline message") from None
-        spec = load_spec(message)
-        self.specs[spec_bytes] = spec
-        if len(self.specs) > _SPEC_CACHE_SIZE:
-            self.specs.popitem(last=False)
-        return spec
+            return decode_images(blobs, limits=self.limits)
+        finally:
+            for b in blobs:
+                b.release()
 
-    def images(self, kind: str, meta: dict[str, Any]) -> Any:
-        if kind == "batch":
-            reader = self.datasets[meta["dataset"]]
-            return reader.gather(meta["sample_ids"], max_side=self.config.max_image_side)
-        if "lengths" in meta:
-            from .datasets import decode_images
-
-            buf, blobs, pos = cast(memoryview, self.in_shm.buf), [], 0
-            for n in meta["lengths"]:
-                blobs.append(buf[pos:pos + n])
-                pos += n
-            try:
-                return decode_images(blobs, max_side=self.config.max_image_side,
-                                     max_bytes=self.config.slot_bytes)
-            finally:
-                for b in blobs:
-                    b.release()
-        return np.ndarray(meta["shape"], np.uint8, buffer=self.in_shm.buf)
-
-    def client_segment(self, name: str, token: bytes, nbytes: int) -> Any:
-        """The client's segment `name` attached (cached), or None unless it may take `nbytes` of
-        pixels now (`augsvc.shm.usable_client_segment`: checked before every write)."""
+    def client_segment(self, segment: ClientSegment, nbytes: int) -> Any:
+        """The client's segment attached (cached), or None unless it may take `nbytes` of pixels
+        now (`augsvc.shm.usable_client_segment`: checked before every write)."""
         from .shm import attach_segment, is_client_segment, release_segment, usable_client_segment
 
         self.drop_unlinked_segments()
-        shm = self.client_segments.get(name)
+        shm = self.client_segments.get(segment.name)
         if shm is None:
-            if not is_client_segment(name):
+            if not is_client_segment(segment.name):
                 return None
             try:
-                shm = attach_segment(name)
+                shm = attach_segment(segment.name)
             except (OSError, ValueError):  # gone, another user's, or another host's name
                 return None
-            self.client_segments[name] = shm
+            self.client_segments[segment.name] = shm
             while len(self.client_segments) > _CLIENT_SEGMENTS_CACHED:
                 release_segment(self.client_segments.popitem(last=False)[1], unlink=False)
-        self.client_segments.move_to_end(name)
-        return shm if usable_client_segment(shm, token, nbytes) else None
+        self.client_segments.move_to_end(segment.name)
+        return shm if usable_client_segment(shm, segment.token, nbytes) else None
 
     def drop_unlinked_segments(self, everything: bool = False) -> None:
         """Let go of client segments whose owners unlinked them (or of all, when idle): the
@@ -157,28 +171,27 @@ class _Worker:
         for name in [n for n, shm in self.client_segments.items() if everything or is_unlinked(shm)]:
             release_segment(self.client_segments.pop(name), unlink=False)
 
-    def run(self, kind: str, meta: dict[str, Any]) -> tuple[tuple[int, ...], str | None]:
-        if self.sleep_hook is not None and meta["seed"] == self.sleep_hook[0]:
+    def run(self, job: Job) -> Done:
+        aug = job.augmentation
+        if self.sleep_hook is not None and aug.seed == self.sleep_hook[0]:
             time.sleep(self.sleep_hook[1])
-        spec = self.spec(meta["spec"])
-        size, channels = spec.output_size, meta.get("channels")
+        spec = aug.validated_spec
+        size = spec.output_size
+        channels = job.channels if isinstance(job, DatasetBatch) else (job.shape[3] if job.shape else None)
         if size is not None and channels is not None:  # refuse before the work, when we can
-            nbytes = len(meta["sample_ids"]) * size[0] * size[1] * channels
-            if nbytes > self.config.slot_bytes:
-                raise self._too_big(nbytes)
-        images = self.images(kind, meta)
-        target, segment = self._out_view(images, size, meta.get("out_segment"))
-        out = self.augment_batch(images, spec, seed=meta["seed"], epoch=meta["epoch"],
-                                 sample_ids=meta["sample_ids"], backend=meta["backend"],
-                                 max_side=self.config.max_image_side, out=target)
+            self._check_output(len(job.sample_ids) * size[0] * size[1] * channels)
+        images = self.images(job)
+        segment = job.out_segment if isinstance(job, DatasetBatch) else None
+        target, written_to = self._out_view(images, size, segment)
+        out = self.augment_batch(images, spec, seed=aug.seed, epoch=aug.epoch, sample_ids=job.sample_ids,
+                                 backend=aug.backend, max_side=self.limits.max_image_side, out=target)
         del images
         if target is None:
-            if out.nbytes > self.config.slot_bytes:
-                raise self._too_big(out.nbytes)
+            self._check_output(out.nbytes)
             np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out
-        return tuple(int(s) for s in out.shape), segment
+        return Done(tuple(int(s) for s in out.shape), written_to)
 
-    def _out_view(self, images: Any, size: tuple[int, int] | None, segment: tuple[str, bytes] | None
+    def _out_view(self, images: Any, size: tuple[int, int] | None, segment: ClientSegment | None
                   ) -> tuple[np.ndarray | None, str | None]:
         """The output slot (or the client's `segment`, when usable) as an array of the batch's
         output shape, when it is known up front: the engine then writes the pixels straight into
@@ -191,24 +204,20 @@ class _Worker:
         else:
             return None, None
         nbytes = shape[0] * shape[1] * shape[2] * shape[3]
-        if nbytes > self.config.slot_bytes:
-            raise self._too_big(nbytes)
-        shm = self.client_segment(segment[0], segment[1], nbytes) if segment else None
+        self._check_output(nbytes)
+        shm = self.client_segment(segment, nbytes) if segment is not None else None
         if shm is not None and segment is not None:
             from .shm import client_pixels
 
-            return client_pixels(shm, shape), segment[0]
+            return client_pixels(shm, shape), segment.name
         return np.ndarray(shape, np.uint8, buffer=self.out_shm.buf), None
 
-    def _too_big(self, nbytes: int) -> errors.LimitExceededError:
-        return errors.LimitExceededError(
-            f"the augmented batch would be {nbytes} bytes; the limit (max_batch_bytes) is "
-            f"{self.config.slot_bytes}; ask for fewer or smaller images")
+    def _check_output(self, nbytes: int) -> None:
+        self.limits.check_batch_bytes("output", nbytes, "the augmented batch would be ")
 
 
 def worker_main(config: WorkerConfig, conn: Connection) -> None:
     """Entry point of a worker process."""
-    os.environ.update(config.env)  # before anything imports albumentations
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     import cv2
 
@@ -217,25 +226,23 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
         worker = _Worker(config)
     except Exception as exc:
         log.exception("worker %d failed to start", config.index)
-        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        conn.send(Fatal(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", os.getpid()))
+    conn.send(Ready(os.getpid()))
     while True:
         try:
             while not conn.poll(_IDLE_RELEASE_S):
                 worker.drop_unlinked_segments(everything=True)
-            msg = conn.recv()
+            job = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return
-        if msg[0] == "stop":
-            return
         try:
-            reply: tuple[Any, ...] = ("ok", *worker.run(msg[0], msg[1]))
+            reply: Done | Failed = worker.run(job)
         except errors.AugsvcError as exc:
-            reply = ("err", type(exc).__name__, str(exc))
+            reply = Failed(type(exc).__name__, str(exc))
         except Exception as exc:
             log.exception("worker %d: internal error", config.index)
-            reply = ("err", "internal", f"internal error in worker {config.index}: {type(exc).__name__}")
+            reply = Failed("internal", f"internal error in worker {config.index}: {type(exc).__name__}")
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
@@ -265,8 +272,8 @@ def wait_ready(proc: BaseProcess, conn: Connection, index: int, timeout_s: float
             msg = conn.recv()
     except (EOFError, OSError):
         pass
-    if not msg or msg[0] != "ready":
-        why = msg[1] if msg else f"it exited or sent no ready message within {timeout_s}s"
+    if not isinstance(msg, Ready):
+        why = msg.message if isinstance(msg, Fatal) else f"it exited or sent no ready message within {timeout_s}s"
         raise RuntimeError(f"worker {index} failed to start: {why}")
 
 

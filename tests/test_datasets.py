@@ -13,13 +13,14 @@ from PIL import Image
 from augsvc.datasets import (
     Dataset,
     attach,
-    check_sample_ids,
     decode_images,
     load_dataset,
     parse_dataset_arg,
 )
 from augsvc.errors import InvalidInputError, LimitExceededError
 from augsvc.shm import attach_segment, create_segment, release_segment
+from augsvc.validation import Limits
+from augsvc.validation import dataset_indices as check_sample_ids
 
 
 def own_segments() -> list[str]:
@@ -245,7 +246,7 @@ def test_decode_images_channels_and_limits() -> None:
     with pytest.raises(InvalidInputError, match=r"encoded_images\[1\]: not a decodable"):
         decode_images([png(gray), b"garbage"])
     with pytest.raises(LimitExceededError, match=r"encoded_images\[0\]: 5x4 exceeds the maximum image side"):
-        decode_images([png(gray)], max_side=4)
+        decode_images([png(gray)], limits=Limits(max_image_side=4))
 
 
 def test_close_is_idempotent_and_unlinks(tmp_path: Path) -> None:

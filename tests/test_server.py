@@ -661,7 +661,7 @@ def test_cli_health_against_a_closed_port() -> None:
 
 
 def test_plan_cache_is_bounded_and_reuses_plans() -> None:
-    from augsvc.calls import PlanCache
+    from augsvc.plan import PlanCache
 
     cache = PlanCache(max_bytes=1 << 20, max_entry_bytes=256 << 10, max_entries=3)
     made: list[int] = []
@@ -684,8 +684,8 @@ def test_plan_cache_is_bounded_and_reuses_plans() -> None:
 def test_plan_cache_makes_a_missing_plan_once_for_concurrent_callers() -> None:
     import threading
 
-    from augsvc.calls import PlanCache
     from augsvc.errors import InvalidInputError
+    from augsvc.plan import PlanCache
 
     cache = PlanCache()
     started, release = threading.Event(), threading.Event()

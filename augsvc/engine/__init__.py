@@ -12,40 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, LimitExceededError
-from ..rng import as_sample_ids
+from ..errors import InvalidInputError
 from ..spec import Spec, load_spec
 from ..transforms import Draw, draw_steps
+from ..validation import DEFAULT_MAX_SIDE, Limits, check_batch_array, check_counter, check_image, sample_keys
 from .fused import run_fused
 from .images import Images
 from .reference import run_reference
 
 __all__ = ["augment_batch", "check_images", "BACKENDS", "DEFAULT_MAX_SIDE"]
 
-#: Largest image side accepted by default (input and output); servers may set their own.
-DEFAULT_MAX_SIDE = 4096
-
 BACKENDS: dict[str, Callable[[Images, list[Draw[Any]], Spec, np.ndarray | None], Images]] = {
     "fused": run_fused,
     "albumentations": run_reference,
 }
-
-_U64 = 2**64
-
-
-def _check_one(img: Any, where: str, max_side: int) -> np.ndarray:
-    if not isinstance(img, np.ndarray):
-        raise InvalidInputError(f"{where}: expected a numpy array, got {type(img).__name__}")
-    if img.dtype != np.uint8:
-        raise InvalidInputError(f"{where}: dtype {img.dtype} is not supported; expected uint8")
-    if img.ndim != 3 or img.shape[2] not in (1, 3):
-        raise InvalidInputError(f"{where}: shape {tuple(img.shape)} is not (H, W, C) with C in {{1, 3}}")
-    h, w = img.shape[:2]
-    if h < 1 or w < 1:
-        raise InvalidInputError(f"{where}: shape {tuple(img.shape)} has an empty side; expected H, W >= 1")
-    if h > max_side or w > max_side:
-        raise LimitExceededError(f"{where}: side {max(h, w)} is over the limit of {max_side} pixels")
-    return img
 
 
 def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = DEFAULT_MAX_SIDE
@@ -53,19 +33,14 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
     """Validate a batch: (N,H,W,C) uint8 array, or a sequence of (H,W,C) uint8 arrays of one C.
 
     Returns (work, heights, widths, channels)."""
+    limits = Limits(max_image_side=max_side)
     if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise InvalidInputError(f"images: dtype {images.dtype} is not supported; expected uint8")
-        if images.ndim != 4 or images.shape[3] not in (1, 3):
-            raise InvalidInputError(
-                f"images: shape {tuple(images.shape)} is not (N, H, W, C) with C in {{1, 3}}")
-        n, h, w, c = images.shape
-        if n and (h < 1 or w < 1):
-            raise InvalidInputError(f"images: shape {tuple(images.shape)} has an empty side; expected H, W >= 1")
-        if h > max_side or w > max_side:
-            raise LimitExceededError(f"images: side {max(h, w)} is over the limit of {max_side} pixels")
+        n, h, w, c = check_batch_array(images).shape
+        limits.check_side("images", h, w)
         return np.ascontiguousarray(images), np.full(n, h, np.int64), np.full(n, w, np.int64), c
-    work = [_check_one(img, f"images[{i}]", max_side) for i, img in enumerate(images)]
+    work = [check_image(img, f"images[{i}]") for i, img in enumerate(images)]
+    for i, img in enumerate(work):
+        limits.check_side(f"images[{i}]", *img.shape[:2])
     channels = {img.shape[2] for img in work}
     if len(channels) > 1:
         raise InvalidInputError(f"images: mixed channel counts {sorted(channels)}; expected one of 1 or 3")
@@ -75,14 +50,6 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
     if work and (heights == heights[0]).all() and (widths == widths[0]).all():
         return np.stack(work), heights, widths, c
     return work, heights, widths, c
-
-
-def _check_counter(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"{name}: expected an integer in [0, 2**64), got {value!r}")
-    if not 0 <= int(value) < _U64:
-        raise InvalidInputError(f"{name}: {value} is outside [0, 2**64)")
-    return int(value)
 
 
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
@@ -101,13 +68,13 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     spec = load_spec(spec)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
-    seed = _check_counter(seed, "seed")
-    epoch = _check_counter(epoch, "epoch")
+    seed = check_counter(seed, "seed")
+    epoch = check_counter(epoch, "epoch")
     out_size = spec.output_size
-    if out_size is not None and max(out_size) > max_side:
-        raise LimitExceededError(f"spec: output side {max(out_size)} is over the limit of {max_side} pixels")
+    if out_size is not None:
+        Limits(max_image_side=max_side).check_side("spec", *out_size, what="output side")
     work, heights, widths, channels = check_images(images, max_side=max_side)
-    ids = as_sample_ids(sample_ids, count=len(work))
+    ids = sample_keys(sample_ids, count=len(work))
     if len(work) == 0:
         if isinstance(work, np.ndarray):
             h, w = out_size or (int(work.shape[1]), int(work.shape[2]))

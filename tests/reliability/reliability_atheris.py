@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris, optional) of the code that reads untrusted bytes before any
-worker sees them: request parsing and validation on the server (Spec.from_proto, the tensor
-checks, sample ids, the epoch plan) and the client's zero-copy reply parser (augsvc.wire).
+worker sees them: the server's request parsers (augsvc.jobs: the spec, the tensor checks, sample
+ids, the epoch plan and batch range) and the client's zero-copy reply parser (augsvc.wire).
 
 Any exception other than the documented ones (augsvc errors, protobuf DecodeError, and the
 ValueError the wire parser raises for truncated input) is a finding. Run it directly::
@@ -13,52 +13,37 @@ atheris is not installed; it is not a project dependency).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import atheris
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 with atheris.instrument_imports():
     import numpy as np
     from google.protobuf.message import DecodeError
 
-    from augsvc.datasets import check_sample_ids
+    from augsvc.datasets import load_dataset
     from augsvc.errors import AugsvcError
-    from augsvc.plan import epoch_batches
-    from augsvc.spec import Spec
-    from augsvc.tensors import decode_tensor
+    from augsvc.jobs import augment_request, batch_range, parse_stream_batches, parser
+    from augsvc.plan import PlanCache
     from augsvc.v1 import augment_pb2 as pb
+    from augsvc.validation import Limits
     from augsvc.wire import parse_reply
 
-MAX_SIDE = 4096
-MAX_BYTES = 64 << 20
-NUM_SAMPLES = 1797
+LIMITS = Limits()
+DATASETS = {"digits": load_dataset("digits", "builtin:digits")}
+PLANS = PlanCache()
+parse_augment = parser(pb.AugmentRequest)
 
 
-def augment_request(body: bytes) -> None:
-    msg = pb.AugmentRequest.FromString(body)
-    Spec.from_proto(msg.spec)
-    decode_tensor(msg.images, max_side=MAX_SIDE, max_bytes=MAX_BYTES)
+def augment(body: bytes) -> None:
+    job, _payload = augment_request(parse_augment(body), LIMITS)
+    assert job.sample_ids.dtype == np.uint64
 
 
 def stream_request(body: bytes) -> None:
-    msg = pb.StreamBatchesRequest.FromString(body)
-    spec = Spec.from_proto(msg.spec)
-    assert spec.output_size is None or max(spec.output_size) <= 4096
-    ids = np.array(msg.sample_ids, np.uint64)
-    population = check_sample_ids(ids, NUM_SAMPLES) if len(ids) else NUM_SAMPLES
-    if msg.batch_size:
-        plan = epoch_batches(
-            population,
-            msg.batch_size,
-            seed=msg.seed,
-            epoch=msg.epoch,
-            shuffle=msg.shuffle if msg.HasField("shuffle") else True,
-            drop_last=msg.drop_last,
-        )
-        assert sum(len(b) for b in plan) <= (len(ids) or NUM_SAMPLES)
+    batches = batch_range(parse_stream_batches(body), DATASETS, LIMITS, PLANS)
+    for k in batches.indices[:4]:
+        assert batches.job(k).sample_ids.max(initial=0) < batches.dataset.num_samples
 
 
 def reply(body: bytes, message_type: type) -> None:
@@ -72,7 +57,7 @@ def test_one_input(data: bytes) -> None:
     body = fdp.ConsumeBytes(fdp.remaining_bytes())
     try:
         if kind == 0:
-            augment_request(body)
+            augment(body)
         elif kind == 1:
             stream_request(body)
         elif kind == 2:

@@ -54,6 +54,7 @@ from augsvc.server import AugmentServer, ServerSettings
 from augsvc.spec import Spec
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
+from augsvc.validation import Limits
 
 MAX_BATCH = 256 << 10
 DEADLINE = 5.0  # every fuzz call's deadline
@@ -205,7 +206,7 @@ def check_augment_reply(msg: pb.AugmentRequest, reply: pb.AugmentResponse) -> No
     assert list(reply.sample_ids) == list(msg.sample_ids) and reply.tag == msg.tag
     inputs: Any
     if msg.encoded_images:
-        inputs = decode_images(list(msg.encoded_images), max_side=MAX_SIDE)
+        inputs = decode_images(list(msg.encoded_images), limits=Limits(max_image_side=MAX_SIDE))
     else:
         inputs = well_formed(msg.images)
         assert inputs is not None, "a malformed tensor was accepted"
