@@ -295,6 +295,7 @@ ROWS = [
     ("coarse_dropout", {"num_holes_range": [2, 4], "fill": 255, "p": 1.0},
      {"num_holes_range": [2, 4], "p": 0.0}, None, True),
     ("gaussian_blur", {"sigma_range": [1, 2], "p": 1.0}, {"sigma_range": [1, 2], "p": 0.0}, None, True),
+    ("center_crop", {"height": 16, "width": 20}, {"height": ROW_H, "width": ROW_W}, (16, 20), False),
 ]
 ROW_IDS = [row[0] for row in ROWS]
 

@@ -103,6 +103,14 @@ class RandomResizedCrop(_message.Message):
     ratio_range: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., scale_range: _Optional[_Iterable[float]] = ..., ratio_range: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class CenterCrop(_message.Message):
+    __slots__ = ("height", "width")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
 class CoarseDropout(_message.Message):
     __slots__ = ("num_holes_range", "hole_height_range", "hole_width_range", "fill", "p")
     NUM_HOLES_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -126,7 +134,7 @@ class GaussianBlur(_message.Message):
     def __init__(self, sigma_range: _Optional[_Iterable[float]] = ..., p: _Optional[float] = ...) -> None: ...
 
 class Transform(_message.Message):
-    __slots__ = ("hflip", "vflip", "rotate", "scale", "color", "resize", "random_resized_crop", "coarse_dropout", "gaussian_blur")
+    __slots__ = ("hflip", "vflip", "rotate", "scale", "color", "resize", "random_resized_crop", "coarse_dropout", "gaussian_blur", "center_crop")
     HFLIP_FIELD_NUMBER: _ClassVar[int]
     VFLIP_FIELD_NUMBER: _ClassVar[int]
     ROTATE_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +144,7 @@ class Transform(_message.Message):
     RANDOM_RESIZED_CROP_FIELD_NUMBER: _ClassVar[int]
     COARSE_DROPOUT_FIELD_NUMBER: _ClassVar[int]
     GAUSSIAN_BLUR_FIELD_NUMBER: _ClassVar[int]
+    CENTER_CROP_FIELD_NUMBER: _ClassVar[int]
     hflip: HFlip
     vflip: VFlip
     rotate: Rotate
@@ -145,7 +154,8 @@ class Transform(_message.Message):
     random_resized_crop: RandomResizedCrop
     coarse_dropout: CoarseDropout
     gaussian_blur: GaussianBlur
-    def __init__(self, hflip: _Optional[_Union[HFlip, _Mapping]] = ..., vflip: _Optional[_Union[VFlip, _Mapping]] = ..., rotate: _Optional[_Union[Rotate, _Mapping]] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., color: _Optional[_Union[Color, _Mapping]] = ..., resize: _Optional[_Union[Resize, _Mapping]] = ..., random_resized_crop: _Optional[_Union[RandomResizedCrop, _Mapping]] = ..., coarse_dropout: _Optional[_Union[CoarseDropout, _Mapping]] = ..., gaussian_blur: _Optional[_Union[GaussianBlur, _Mapping]] = ...) -> None: ...
+    center_crop: CenterCrop
+    def __init__(self, hflip: _Optional[_Union[HFlip, _Mapping]] = ..., vflip: _Optional[_Union[VFlip, _Mapping]] = ..., rotate: _Optional[_Union[Rotate, _Mapping]] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., color: _Optional[_Union[Color, _Mapping]] = ..., resize: _Optional[_Union[Resize, _Mapping]] = ..., random_resized_crop: _Optional[_Union[RandomResizedCrop, _Mapping]] = ..., coarse_dropout: _Optional[_Union[CoarseDropout, _Mapping]] = ..., gaussian_blur: _Optional[_Union[GaussianBlur, _Mapping]] = ..., center_crop: _Optional[_Union[CenterCrop, _Mapping]] = ...) -> None: ...
 
 class Pipeline(_message.Message):
     __slots__ = ("transforms", "border", "fill")
