@@ -4,7 +4,9 @@ that imports torch."""
 
 from __future__ import annotations
 
+from augsvc.errors import StreamError
+
 from .client import AugmentClient, TLSConfig
-from .stream import AugmentedStream, StreamError
+from .stream import AugmentedStream
 
 __all__ = ["AugmentClient", "AugmentedStream", "StreamError", "TLSConfig"]

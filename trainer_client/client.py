@@ -1,5 +1,5 @@
-"""AugmentClient: one or many augsvc endpoints, TLS / mutual TLS, a bearer token, deadlines, and
-retries of UNAVAILABLE on another endpoint.
+"""AugmentClient: one or many augsvc endpoints, TLS / mutual TLS, a bearer token, deadlines,
+retries, and the augsvc error tree for every failed unary call.
 
 Targets: "host:port", "unix:/path/sock", a comma-separated list, a list of those, or a
 "dns:///name:port" name, which gets gRPC's round_robin policy over every address it resolves to
@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from augsvc.errors import AugsvcError, NotFoundError, error_from_status
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -29,6 +30,11 @@ from augsvc.wire import parse_reply, serialize
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+def status_error(exc: grpc.RpcError) -> AugsvcError:
+    """The augsvc error for a failed call (`augsvc.errors.error_from_status`); still a grpc.RpcError."""
+    return error_from_status(exc.code(), exc.details())
 
 
 def _parse_response(data: bytes) -> tuple[pb.AugmentResponse, np.ndarray]:
@@ -54,6 +60,7 @@ class TLSConfig:
 
 
 def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
+    """The endpoint targets named by a target, a comma-separated list of them, or a list."""
     if isinstance(target_or_endpoints, str):
         if target_or_endpoints.startswith("dns:"):
             return [target_or_endpoints]
@@ -67,7 +74,11 @@ def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
 
 
 class AugmentClient:
-    """A client of one or more augsvc servers. Thread-safe; use as a context manager."""
+    """A client of one or more augsvc servers. Thread-safe; use as a context manager.
+
+    A unary call that fails raises the augsvc error for its status (`augsvc.errors`: NotFoundError,
+    InvalidInputError, UnavailableError, ...), which is also a grpc.RpcError with code() and details().
+    The streaming calls hand out gRPC's own call objects; `AugmentedStream` maps their errors."""
 
     def __init__(self, target_or_endpoints: str | Sequence[str], *, tls: bool | TLSConfig | None = None,
                  token: str | None = None, timeout: float = 60.0, retries: int = 3,
@@ -111,13 +122,16 @@ class AugmentClient:
     # -- endpoints -------------------------------------------------------------------------------
     @property
     def num_endpoints(self) -> int:
+        """How many endpoints (channels) this client spreads its calls over."""
         return len(self._stubs)
 
     def stub(self, index: int) -> pb_grpc.AugmenterStub:
+        """The plain gRPC stub of endpoint `index` (modulo the endpoint count)."""
         return self._stubs[index % len(self._stubs)]
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata this client sends (the bearer token, if any)."""
         return self._metadata
 
     def _pick(self) -> int:
@@ -125,21 +139,18 @@ class AugmentClient:
             return next(self._next) % len(self._stubs)
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """A unary call with retries of retryable codes, each on the next endpoint."""
+        """A unary call with retries of retryable codes, each on the next endpoint. A call that
+        fails raises the augsvc error for its last status (`status_error`)."""
         start = self._pick()
-        last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):
             index = (start + attempt) % len(self._stubs)
             call = self._augment[index] if method == "Augment" else getattr(self._stubs[index], method)
             try:
                 return call(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
-                        and attempt == self.retries:
-                    raise
-                last = exc
-        assert last is not None
-        raise last
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise status_error(exc) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     # -- RPCs ------------------------------------------------------------------------------------
     def augment(self, images: np.ndarray, spec: Any, *, seed: int, epoch: int, sample_ids: Any,
@@ -154,7 +165,7 @@ class AugmentClient:
     def stream_batches(self, endpoint: int, request: pb.StreamBatchesRequest | bytes,
                        timeout: float | None = None) -> Any:
         """A StreamBatches call on one endpoint: a cancellable iterator of (Batch without its images,
-        images as a read-only (N,H,W,C) uint8 view)."""
+        images as a read-only (N,H,W,C) uint8 view). It fails with gRPC's RpcError (`status_error` maps it)."""
         return self._stream_batches[endpoint % len(self._stubs)](request, timeout=timeout or self.timeout,
                                                                   metadata=self._metadata)
 
@@ -165,17 +176,20 @@ class AugmentClient:
                                                                   metadata=self._metadata)
 
     def list_datasets(self) -> list[dict[str, Any]]:
+        """The datasets the server that answers holds."""
         reply = self._call("ListDatasets", pb.ListDatasetsRequest(), None)
         return [json_format.MessageToDict(d, preserving_proto_field_name=True,
                                           always_print_fields_with_no_presence=True) for d in reply.datasets]
 
     def dataset_info(self, name: str) -> dict[str, Any]:
+        """The dataset called `name`; NotFoundError (a LookupError) when the server has none."""
         for info in self.list_datasets():
             if info["name"] == name:
                 return info
-        raise LookupError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
+        raise NotFoundError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
 
     def server_info(self) -> dict[str, Any]:
+        """Version, workers, backends and limits of the server that answers."""
         reply = self._call("GetServerInfo", pb.ServerInfoRequest(), None)
         info: dict[str, Any] = json_format.MessageToDict(reply, preserving_proto_field_name=True,
                                                          always_print_fields_with_no_presence=True)
@@ -187,6 +201,7 @@ class AugmentClient:
             grpc.channel_ready_future(ch).result(timeout=timeout)
 
     def close(self) -> None:
+        """Close every endpoint's channel."""
         for ch in self._channels:
             ch.close()
 

@@ -8,7 +8,9 @@ AugmentStream for data the client owns). Batches land in a table keyed by index,
 is dropped; when a call fails with a retryable code, the chunk's missing batches go back to the
 front of the queue for any healthy endpoint, and the failed endpoint backs off. The consumer
 yields indices in order. A batch is an idempotent unit of work: any server produces the same
-bytes for batch k of epoch e.
+bytes for batch k of epoch e. A status that is not retryable, or a batch asked for more than
+`max_attempts` times, ends the pass with `StreamError` (augsvc.errors), whose cause is the
+augsvc error for that status.
 
 Shared memory: with a server on this host (a unix socket or loopback target), each StreamBatches
 call offers one shared-memory segment per batch (`_Segments`); the workers write the augmented
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from augsvc.errors import LimitExceededError
+from augsvc.errors import AugsvcError, LimitExceededError, StreamError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
 from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, create_client_segment, release_segment
@@ -49,7 +51,7 @@ from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 
-from .client import RETRYABLE, AugmentClient
+from .client import RETRYABLE, AugmentClient, status_error
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -66,10 +68,6 @@ def default_prefetch(batch_bytes: int | None) -> int:
     if not batch_bytes:
         return 8
     return max(4, min(32, PREFETCH_BYTES // batch_bytes))
-
-
-class StreamError(RuntimeError):
-    """The epoch could not be delivered (a non-retryable status, or retries exhausted)."""
 
 
 def _to_torch(images: np.ndarray, labels: Any, ids: Any, *, channels_last: bool, owned: bool = False) -> Batch:
@@ -424,6 +422,17 @@ class AugmentedStream(IterableDataset[Batch]):
             calls.remove(call)
 
 
+def _fatal(exc: Exception, pending: list[int]) -> StreamError:
+    """The StreamError that ends a pass: "batches [...]: CODE: details" for a failed call, whose
+    status it keeps (`code()`), with the augsvc error for that status as its cause."""
+    cause = status_error(exc) if isinstance(exc, grpc.RpcError) else exc
+    error = StreamError(f"batches {pending}: {cause}")
+    if isinstance(cause, AugsvcError):
+        error.status_code_name = cause.status_code_name
+    error.__cause__ = cause
+    return error
+
+
 class _Fetcher:
     """Background fetch threads for one pass over `indices` (see the module docstring)."""
 
@@ -509,9 +518,7 @@ class _Fetcher:
                         self.attempts[k] = self.attempts.get(k, 0) + 1
                     exhausted = any(self.attempts[k] > self.stream.max_attempts for k in pending)
                     if not retryable or exhausted or isinstance(exc, StreamError) and not pending:
-                        what = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else exc
-                        self.error = StreamError(f"batches {pending}: {what}")
-                        self.error.__cause__ = exc
+                        self.error = _fatal(exc, pending)
                         self.cond.notify_all()
                         return
                     if pending:
@@ -519,7 +526,8 @@ class _Fetcher:
                     self.cond.notify_all()
                 # A failed call is its own RpcError, and its traceback holds the frame that holds the
                 # call: break that cycle, or the stream (and its shared memory) would live until the
-                # next garbage collection. (A fatal error keeps its traceback, as StreamError's cause.)
+                # next garbage collection. (A fatal error becomes StreamError's cause: for a failed
+                # call, the augsvc error for its status; any other exception keeps its traceback.)
                 exc.__traceback__ = None
                 # This endpoint failed: move to the next one and back off before using it again.
                 endpoint = (endpoint + 1) % self.stream.client.num_endpoints
