@@ -4,11 +4,17 @@ retries, and the augsvc error tree for every failed unary call.
 Targets: "host:port", "unix:/path/sock", a comma-separated list, a list of those, or a
 "dns:///name:port" name, which gets gRPC's round_robin policy over every address it resolves to
 (a Kubernetes headless Service, a compose service with several replicas).
+
+Retries of unary calls have two layers. Inside a channel, gRPC's own retry policy (the channel's
+service config, `SERVICE_CONFIG`) re-sends a call that got UNAVAILABLE, with exponential backoff:
+a worker that died, a server that is restarting. Whatever status is left after that and is worth
+retrying elsewhere (`RETRYABLE`) moves the call to the next endpoint, up to `retries` times.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +36,22 @@ from augsvc.wire import parse_reply, serialize
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+#: gRPC's retry policy for the unary methods, within one channel: transient UNAVAILABLE only
+#: (the other retryable codes are better asked of another endpoint). maxAttempts counts the first.
+RETRY_POLICY: dict[str, Any] = {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+
+
+def _service_config() -> str:
+    """The channels' service config: `RETRY_POLICY` for every unary method of the Augmenter service."""
+    service = pb.DESCRIPTOR.services_by_name["Augmenter"]
+    unary = [{"service": service.full_name, "method": m.name} for m in service.methods
+             if not m.client_streaming and not m.server_streaming]
+    return json.dumps({"methodConfig": [{"name": unary, "retryPolicy": RETRY_POLICY}]})
+
+
+SERVICE_CONFIG = _service_config()
 
 
 def status_error(exc: grpc.RpcError) -> AugsvcError:
@@ -90,7 +112,11 @@ class AugmentClient:
         options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    # Bigger HTTP/2 windows: a batch is megabytes (measured in `augsvc bench transport`).
-                   ("grpc.http2.lookahead_bytes", 8 << 20)]
+                   ("grpc.http2.lookahead_bytes", 8 << 20),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG),
+                   # gRPC retries only requests it still holds: by default up to 256 KiB, which
+                   # would leave out most Augment batches.
+                   ("grpc.per_rpc_retry_buffer_size", max_message_bytes)]
         tls_config = TLSConfig() if tls is True else (tls or None)
         if isinstance(tls_config, TLSConfig) and tls_config.server_name:
             options.append(("grpc.ssl_target_name_override", tls_config.server_name))
@@ -139,8 +165,9 @@ class AugmentClient:
             return next(self._next) % len(self._stubs)
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """A unary call with retries of retryable codes, each on the next endpoint. A call that
-        fails raises the augsvc error for its last status (`status_error`)."""
+        """A unary call. The channel retries UNAVAILABLE with backoff (`SERVICE_CONFIG`); a
+        `RETRYABLE` status left after that moves the call to the next endpoint, up to `retries`
+        times. A call that fails raises the augsvc error for its last status (`status_error`)."""
         start = self._pick()
         for attempt in range(self.retries + 1):
             index = (start + attempt) % len(self._stubs)
