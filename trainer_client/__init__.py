@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from augsvc.errors import StreamError
 
-from .client import AugmentClient, TLSConfig
+from .client import AugmentClient, DatasetInfo, ServerInfo, TLSConfig
 from .stream import AugmentedStream
 
-__all__ = ["AugmentClient", "AugmentedStream", "StreamError", "TLSConfig"]
+__all__ = ["AugmentClient", "AugmentedStream", "DatasetInfo", "ServerInfo", "StreamError", "TLSConfig"]

@@ -17,13 +17,12 @@ import itertools
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 
 from augsvc.errors import AugsvcError, NotFoundError, error_from_status
 from augsvc.spec import load_spec
@@ -79,6 +78,49 @@ class TLSConfig:
             return Path(path).read_bytes() if path else None
 
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def _proto_fields(cls: type[Any], msg: Any) -> dict[str, Any]:
+    """The fields of dataclass `cls` read from the message of the same field names; repeated
+    fields as tuples. Protobuf gives 64-bit integers as ints here (json_format gives strings)."""
+    values = {f.name: getattr(msg, f.name) for f in fields(cls)}
+    return {k: v if isinstance(v, (str, int, float)) else tuple(v) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset a server holds, as ListDatasets describes it."""
+
+    name: str
+    num_samples: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, ...] | None  # (H, W, C) when every image has that shape; None when sizes differ
+    source: str  # kind of source: "folder", "npz", "builtin"
+
+    @classmethod
+    def from_proto(cls, msg: pb.DatasetInfo) -> DatasetInfo:
+        values = _proto_fields(cls, msg)
+        values["image_shape"] = values["image_shape"] or None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A server's version, worker count, backends and limits, as GetServerInfo describes them."""
+
+    version: str
+    workers: int
+    backends: tuple[str, ...]
+    max_image_side: int
+    max_batch_bytes: int
+    max_inflight: int
+    hostname: str
+    pid: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.ServerInfo) -> ServerInfo:
+        return cls(**_proto_fields(cls, msg))
 
 
 def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
@@ -202,25 +244,21 @@ class AugmentClient:
         return self._augment_stream[endpoint % len(self._stubs)](requests, timeout=timeout or self.timeout,
                                                                   metadata=self._metadata)
 
-    def list_datasets(self) -> list[dict[str, Any]]:
+    def list_datasets(self) -> list[DatasetInfo]:
         """The datasets the server that answers holds."""
         reply = self._call("ListDatasets", pb.ListDatasetsRequest(), None)
-        return [json_format.MessageToDict(d, preserving_proto_field_name=True,
-                                          always_print_fields_with_no_presence=True) for d in reply.datasets]
+        return [DatasetInfo.from_proto(d) for d in reply.datasets]
 
-    def dataset_info(self, name: str) -> dict[str, Any]:
+    def dataset_info(self, name: str) -> DatasetInfo:
         """The dataset called `name`; NotFoundError (a LookupError) when the server has none."""
         for info in self.list_datasets():
-            if info["name"] == name:
+            if info.name == name:
                 return info
         raise NotFoundError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
 
-    def server_info(self) -> dict[str, Any]:
+    def server_info(self) -> ServerInfo:
         """Version, workers, backends and limits of the server that answers."""
-        reply = self._call("GetServerInfo", pb.ServerInfoRequest(), None)
-        info: dict[str, Any] = json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                                         always_print_fields_with_no_presence=True)
-        return info
+        return ServerInfo.from_proto(self._call("GetServerInfo", pb.ServerInfoRequest(), None))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until every endpoint's channel is connected."""

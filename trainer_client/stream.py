@@ -51,7 +51,7 @@ from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 
-from .client import RETRYABLE, AugmentClient, status_error
+from .client import RETRYABLE, AugmentClient, DatasetInfo, status_error
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -197,12 +197,12 @@ class AugmentedStream(IterableDataset[Batch]):
         self.drop_last, self.backend, self.timeout, self.max_attempts = drop_last, backend, timeout, max_attempts
         self.streams = streams or max(2, client.num_endpoints)
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
-        self._dataset_info = client.dataset_info(dataset) if dataset is not None else {}
+        self._dataset_info: DatasetInfo | None = client.dataset_info(dataset) if dataset is not None else None
         # The whole dataset goes on the wire as no ids at all (the request's default).
         self._whole_dataset = False
-        if sample_ids is None and dataset is not None:
+        if sample_ids is None and self._dataset_info is not None:
             self._whole_dataset = True
-            self.population: np.ndarray = np.arange(int(self._dataset_info["num_samples"]))
+            self.population: np.ndarray = np.arange(self._dataset_info.num_samples)
         else:
             self.population = np.asarray(sample_ids, np.int64)
         self._set_prefetch(prefetch, chunk)
@@ -238,7 +238,7 @@ class AugmentedStream(IterableDataset[Batch]):
         if self._arrays is not None:
             shape = [int(d) for d in self._arrays[0].shape[1:]]
         else:
-            shape = [int(d) for d in self._dataset_info.get("image_shape") or []]
+            shape = list(self._dataset_info.image_shape or ()) if self._dataset_info is not None else []
         size = self.spec.output_size or (tuple(shape[:2]) if len(shape) == 3 else None)
         if size is None:
             return None
