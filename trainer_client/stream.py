@@ -62,9 +62,8 @@ PREFETCH_BYTES = 256 << 20
 
 def default_prefetch(batch_bytes: int | None) -> int:
     """Batches a stream keeps ahead of its consumer by default. Small batches want many: calls of
-    several batches spread a call's cost, and the fetch threads never wait on the consumer (at
-    32x32, 32 instead of 8 took `augsvc bench e2e` b/c from about 0.83 to 0.89). Large ones are
-    bounded by memory (`PREFETCH_BYTES`). Unknown sizes get 8."""
+    several batches spread a call's cost, and the fetch threads never wait on the consumer. Large
+    ones are bounded by memory (`PREFETCH_BYTES`). Unknown sizes get 8."""
     if not batch_bytes:
         return 8
     return max(4, min(32, PREFETCH_BYTES // batch_bytes))
@@ -252,9 +251,11 @@ class AugmentedStream(IterableDataset[Batch]):
 
     # -- epoch and resume ----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        """Move to the start of `epoch` (a new permutation when shuffling)."""
         self.epoch, self.position = epoch, 0
 
     def plan(self) -> list[np.ndarray]:
+        """This epoch's batches of sample ids, every rank's (`augsvc.epoch_batches`)."""
         return epoch_batches(self.population, self.batch_size, seed=self.seed, epoch=self.epoch,
                              shuffle=self.shuffle, drop_last=self.drop_last)
 
@@ -262,14 +263,17 @@ class AugmentedStream(IterableDataset[Batch]):
         return list(range(self.rank, len(self.plan()), self.world_size))
 
     def __len__(self) -> int:
+        """Batches this rank gets per epoch."""
         return len(self._indices())
 
     def state_dict(self) -> dict[str, Any]:
+        """Where this stream is (epoch, batches of it already yielded) and what it streams, to resume from."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
                 "spec": self.spec.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a `state_dict()`'s epoch and position; ValueError if it belongs to another stream."""
         for key in ("seed", "batch_size", "rank", "world_size", "spec"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
