@@ -163,8 +163,8 @@ def test_client_augment_matches_engine_and_metadata(servers: list[str], digits: 
         info = client.server_info()
         datasets = client.list_datasets()
     assert np.array_equal(out, augment_batch(digits[ids], SPEC, seed=1, epoch=2, sample_ids=ids))
-    assert info["workers"] == 1 and "fused" in info["backends"]
-    assert datasets[0]["name"] == "digits" and int(datasets[0]["num_samples"]) == 1797
+    assert info.workers == 1 and "fused" in info.backends
+    assert datasets[0].name == "digits" and int(datasets[0].num_samples) == 1797
 
 
 def test_non_retryable_errors_surface(servers: list[str]) -> None:

@@ -4,7 +4,9 @@ that imports torch."""
 
 from __future__ import annotations
 
-from .client import AugmentClient, TLSConfig
-from .stream import AugmentedStream, StreamError
+from augsvc.errors import StreamError
 
-__all__ = ["AugmentClient", "AugmentedStream", "StreamError", "TLSConfig"]
+from .client import AugmentClient, DatasetInfo, ServerInfo, TLSConfig
+from .stream import AugmentedStream
+
+__all__ = ["AugmentClient", "AugmentedStream", "DatasetInfo", "ServerInfo", "StreamError", "TLSConfig"]

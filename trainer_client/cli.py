@@ -21,7 +21,7 @@ import torch
 
 from augsvc.spec import load_spec
 
-from .client import AugmentClient, TLSConfig
+from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
 from .stream import AugmentedStream
@@ -68,16 +68,21 @@ def connect(args: argparse.Namespace) -> Iterator[AugmentClient]:
             yield client
 
 
+def describe_shape(info: DatasetInfo) -> str:
+    """A dataset's image shape as people read it: "32x32x1", or "sizes vary"."""
+    return "x".join(map(str, info.image_shape)) if info.image_shape else "sizes vary"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = load_spec(args.spec)
     with connect(args) as client:
         info = client.dataset_info(args.dataset)
-        n = int(info["num_samples"])
+        n = info.num_samples
         train_ids, val_ids = random_split(n, int(round(n * args.val_fraction)), args.seed, args.train_size)
-        print(f"dataset {args.dataset}: {n} images {info.get('image_shape')}, "
-              f"{info['num_classes']} classes; train {len(train_ids)} / val {len(val_ids)}", flush=True)
+        print(f"dataset {args.dataset}: {n} images {describe_shape(info)}, "
+              f"{info.num_classes} classes; train {len(train_ids)} / val {len(val_ids)}", flush=True)
         val = fetch_all(client, args.dataset, identity_spec(spec), val_ids)
         stream = AugmentedStream(client, args.dataset, spec, batch_size=args.batch_size, seed=args.seed,
                                  sample_ids=train_ids, prefetch=args.prefetch)
@@ -86,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             stream.set_epoch(epoch)
             return stream
 
-        model = RegularizedCNN(val[0].shape[1], int(info["num_classes"]), width=args.width, depth=args.depth,
+        model = RegularizedCNN(val[0].shape[1], info.num_classes, width=args.width, depth=args.depth,
                                dropout=args.dropout, batch_norm=not args.no_batch_norm, seed=args.seed)
         config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, l1=args.l1,
                              label_smoothing=args.label_smoothing, patience=args.patience, out_dir=out,
@@ -110,7 +115,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec) if args.spec_given else load_spec(DIGITS_SPEC)
     with connect(args) as client:
         info = client.dataset_info(args.dataset)
-        n = int(info["num_samples"])
+        n = info.num_samples
         if args.dataset == "digits" and n == 1797:  # the built-in set: a stratified split
             train_ids, val_ids = digits_split(args.exp_train, args.exp_val, seed=0)
         else:
@@ -127,7 +132,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
             return train_epoch
 
-        note = (f"Data: {args.dataset} ({info.get('image_shape')}), {len(train_ids)} training images, "
+        note = (f"Data: {args.dataset} ({describe_shape(info)}), {len(train_ids)} training images, "
                 f"{len(val_ids)} validation images, batch size {args.exp_batch_size}; training batches streamed "
                 f"from augsvc (AugmentedStream) with `{spec.to_dict()}`.")
         print(note, flush=True)

@@ -1,24 +1,30 @@
-"""AugmentClient: one or many augsvc endpoints, TLS / mutual TLS, a bearer token, deadlines, and
-retries of UNAVAILABLE on another endpoint.
+"""AugmentClient: one or many augsvc endpoints, TLS / mutual TLS, a bearer token, deadlines,
+retries, and the augsvc error tree for every failed unary call.
 
 Targets: "host:port", "unix:/path/sock", a comma-separated list, a list of those, or a
 "dns:///name:port" name, which gets gRPC's round_robin policy over every address it resolves to
 (a Kubernetes headless Service, a compose service with several replicas).
+
+Retries of unary calls have two layers. Inside a channel, gRPC's own retry policy (the channel's
+service config, `SERVICE_CONFIG`) re-sends a call that got UNAVAILABLE, with exponential backoff:
+a worker that died, a server that is restarting. Whatever status is left after that and is worth
+retrying elsewhere (`RETRYABLE`) moves the call to the next endpoint, up to `retries` times.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 
+from augsvc.errors import AugsvcError, NotFoundError, error_from_status
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -29,6 +35,27 @@ from augsvc.wire import parse_reply, serialize
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+#: gRPC's retry policy for the unary methods, within one channel: transient UNAVAILABLE only
+#: (the other retryable codes are better asked of another endpoint). maxAttempts counts the first.
+RETRY_POLICY: dict[str, Any] = {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+
+
+def _service_config() -> str:
+    """The channels' service config: `RETRY_POLICY` for every unary method of the Augmenter service."""
+    service = pb.DESCRIPTOR.services_by_name["Augmenter"]
+    unary = [{"service": service.full_name, "method": m.name} for m in service.methods
+             if not m.client_streaming and not m.server_streaming]
+    return json.dumps({"methodConfig": [{"name": unary, "retryPolicy": RETRY_POLICY}]})
+
+
+SERVICE_CONFIG = _service_config()
+
+
+def status_error(exc: grpc.RpcError) -> AugsvcError:
+    """The augsvc error for a failed call (`augsvc.errors.error_from_status`); still a grpc.RpcError."""
+    return error_from_status(exc.code(), exc.details())
 
 
 def _parse_response(data: bytes) -> tuple[pb.AugmentResponse, np.ndarray]:
@@ -53,7 +80,51 @@ class TLSConfig:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
+def _proto_fields(cls: type[Any], msg: Any) -> dict[str, Any]:
+    """The fields of dataclass `cls` read from the message of the same field names; repeated
+    fields as tuples. Protobuf gives 64-bit integers as ints here (json_format gives strings)."""
+    values = {f.name: getattr(msg, f.name) for f in fields(cls)}
+    return {k: v if isinstance(v, (str, int, float)) else tuple(v) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset a server holds, as ListDatasets describes it."""
+
+    name: str
+    num_samples: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, ...] | None  # (H, W, C) when every image has that shape; None when sizes differ
+    source: str  # kind of source: "folder", "npz", "builtin"
+
+    @classmethod
+    def from_proto(cls, msg: pb.DatasetInfo) -> DatasetInfo:
+        values = _proto_fields(cls, msg)
+        values["image_shape"] = values["image_shape"] or None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A server's version, worker count, backends and limits, as GetServerInfo describes them."""
+
+    version: str
+    workers: int
+    backends: tuple[str, ...]
+    max_image_side: int
+    max_batch_bytes: int
+    max_inflight: int
+    hostname: str
+    pid: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.ServerInfo) -> ServerInfo:
+        return cls(**_proto_fields(cls, msg))
+
+
 def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
+    """The endpoint targets named by a target, a comma-separated list of them, or a list."""
     if isinstance(target_or_endpoints, str):
         if target_or_endpoints.startswith("dns:"):
             return [target_or_endpoints]
@@ -67,7 +138,11 @@ def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
 
 
 class AugmentClient:
-    """A client of one or more augsvc servers. Thread-safe; use as a context manager."""
+    """A client of one or more augsvc servers. Thread-safe; use as a context manager.
+
+    A unary call that fails raises the augsvc error for its status (`augsvc.errors`: NotFoundError,
+    InvalidInputError, UnavailableError, ...), which is also a grpc.RpcError with code() and details().
+    The streaming calls hand out gRPC's own call objects; `AugmentedStream` maps their errors."""
 
     def __init__(self, target_or_endpoints: str | Sequence[str], *, tls: bool | TLSConfig | None = None,
                  token: str | None = None, timeout: float = 60.0, retries: int = 3,
@@ -79,7 +154,11 @@ class AugmentClient:
         options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    # Bigger HTTP/2 windows: a batch is megabytes (measured in `augsvc bench transport`).
-                   ("grpc.http2.lookahead_bytes", 8 << 20)]
+                   ("grpc.http2.lookahead_bytes", 8 << 20),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG),
+                   # gRPC retries only requests it still holds: by default up to 256 KiB, which
+                   # would leave out most Augment batches.
+                   ("grpc.per_rpc_retry_buffer_size", max_message_bytes)]
         tls_config = TLSConfig() if tls is True else (tls or None)
         if isinstance(tls_config, TLSConfig) and tls_config.server_name:
             options.append(("grpc.ssl_target_name_override", tls_config.server_name))
@@ -111,13 +190,16 @@ class AugmentClient:
     # -- endpoints -------------------------------------------------------------------------------
     @property
     def num_endpoints(self) -> int:
+        """How many endpoints (channels) this client spreads its calls over."""
         return len(self._stubs)
 
     def stub(self, index: int) -> pb_grpc.AugmenterStub:
+        """The plain gRPC stub of endpoint `index` (modulo the endpoint count)."""
         return self._stubs[index % len(self._stubs)]
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata this client sends (the bearer token, if any)."""
         return self._metadata
 
     def _pick(self) -> int:
@@ -125,21 +207,19 @@ class AugmentClient:
             return next(self._next) % len(self._stubs)
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """A unary call with retries of retryable codes, each on the next endpoint."""
+        """A unary call. The channel retries UNAVAILABLE with backoff (`SERVICE_CONFIG`); a
+        `RETRYABLE` status left after that moves the call to the next endpoint, up to `retries`
+        times. A call that fails raises the augsvc error for its last status (`status_error`)."""
         start = self._pick()
-        last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):
             index = (start + attempt) % len(self._stubs)
             call = self._augment[index] if method == "Augment" else getattr(self._stubs[index], method)
             try:
                 return call(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
-                        and attempt == self.retries:
-                    raise
-                last = exc
-        assert last is not None
-        raise last
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise status_error(exc) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     # -- RPCs ------------------------------------------------------------------------------------
     def augment(self, images: np.ndarray, spec: Any, *, seed: int, epoch: int, sample_ids: Any,
@@ -154,7 +234,7 @@ class AugmentClient:
     def stream_batches(self, endpoint: int, request: pb.StreamBatchesRequest | bytes,
                        timeout: float | None = None) -> Any:
         """A StreamBatches call on one endpoint: a cancellable iterator of (Batch without its images,
-        images as a read-only (N,H,W,C) uint8 view)."""
+        images as a read-only (N,H,W,C) uint8 view). It fails with gRPC's RpcError (`status_error` maps it)."""
         return self._stream_batches[endpoint % len(self._stubs)](request, timeout=timeout or self.timeout,
                                                                   metadata=self._metadata)
 
@@ -164,22 +244,21 @@ class AugmentClient:
         return self._augment_stream[endpoint % len(self._stubs)](requests, timeout=timeout or self.timeout,
                                                                   metadata=self._metadata)
 
-    def list_datasets(self) -> list[dict[str, Any]]:
+    def list_datasets(self) -> list[DatasetInfo]:
+        """The datasets the server that answers holds."""
         reply = self._call("ListDatasets", pb.ListDatasetsRequest(), None)
-        return [json_format.MessageToDict(d, preserving_proto_field_name=True,
-                                          always_print_fields_with_no_presence=True) for d in reply.datasets]
+        return [DatasetInfo.from_proto(d) for d in reply.datasets]
 
-    def dataset_info(self, name: str) -> dict[str, Any]:
+    def dataset_info(self, name: str) -> DatasetInfo:
+        """The dataset called `name`; NotFoundError (a LookupError) when the server has none."""
         for info in self.list_datasets():
-            if info["name"] == name:
+            if info.name == name:
                 return info
-        raise LookupError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
+        raise NotFoundError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
 
-    def server_info(self) -> dict[str, Any]:
-        reply = self._call("GetServerInfo", pb.ServerInfoRequest(), None)
-        info: dict[str, Any] = json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                                         always_print_fields_with_no_presence=True)
-        return info
+    def server_info(self) -> ServerInfo:
+        """Version, workers, backends and limits of the server that answers."""
+        return ServerInfo.from_proto(self._call("GetServerInfo", pb.ServerInfoRequest(), None))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until every endpoint's channel is connected."""
@@ -187,6 +266,7 @@ class AugmentClient:
             grpc.channel_ready_future(ch).result(timeout=timeout)
 
     def close(self) -> None:
+        """Close every endpoint's channel."""
         for ch in self._channels:
             ch.close()
 

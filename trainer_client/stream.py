@@ -8,7 +8,9 @@ AugmentStream for data the client owns). Batches land in a table keyed by index,
 is dropped; when a call fails with a retryable code, the chunk's missing batches go back to the
 front of the queue for any healthy endpoint, and the failed endpoint backs off. The consumer
 yields indices in order. A batch is an idempotent unit of work: any server produces the same
-bytes for batch k of epoch e.
+bytes for batch k of epoch e. A status that is not retryable, or a batch asked for more than
+`max_attempts` times, ends the pass with `StreamError` (augsvc.errors), whose cause is the
+augsvc error for that status.
 
 Shared memory: with a server on this host (a unix socket or loopback target), each StreamBatches
 call offers one shared-memory segment per batch (`_Segments`); the workers write the augmented
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from augsvc.errors import LimitExceededError
+from augsvc.errors import AugsvcError, LimitExceededError, StreamError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
 from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, create_client_segment, release_segment
@@ -49,7 +51,7 @@ from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 
-from .client import RETRYABLE, AugmentClient
+from .client import RETRYABLE, AugmentClient, DatasetInfo, status_error
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -60,16 +62,11 @@ PREFETCH_BYTES = 256 << 20
 
 def default_prefetch(batch_bytes: int | None) -> int:
     """Batches a stream keeps ahead of its consumer by default. Small batches want many: calls of
-    several batches spread a call's cost, and the fetch threads never wait on the consumer (at
-    32x32, 32 instead of 8 took `augsvc bench e2e` b/c from about 0.83 to 0.89). Large ones are
-    bounded by memory (`PREFETCH_BYTES`). Unknown sizes get 8."""
+    several batches spread a call's cost, and the fetch threads never wait on the consumer. Large
+    ones are bounded by memory (`PREFETCH_BYTES`). Unknown sizes get 8."""
     if not batch_bytes:
         return 8
     return max(4, min(32, PREFETCH_BYTES // batch_bytes))
-
-
-class StreamError(RuntimeError):
-    """The epoch could not be delivered (a non-retryable status, or retries exhausted)."""
 
 
 def _to_torch(images: np.ndarray, labels: Any, ids: Any, *, channels_last: bool, owned: bool = False) -> Batch:
@@ -199,12 +196,12 @@ class AugmentedStream(IterableDataset[Batch]):
         self.drop_last, self.backend, self.timeout, self.max_attempts = drop_last, backend, timeout, max_attempts
         self.streams = streams or max(2, client.num_endpoints)
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
-        self._dataset_info = client.dataset_info(dataset) if dataset is not None else {}
+        self._dataset_info: DatasetInfo | None = client.dataset_info(dataset) if dataset is not None else None
         # The whole dataset goes on the wire as no ids at all (the request's default).
         self._whole_dataset = False
-        if sample_ids is None and dataset is not None:
+        if sample_ids is None and self._dataset_info is not None:
             self._whole_dataset = True
-            self.population: np.ndarray = np.arange(int(self._dataset_info["num_samples"]))
+            self.population: np.ndarray = np.arange(self._dataset_info.num_samples)
         else:
             self.population = np.asarray(sample_ids, np.int64)
         self._set_prefetch(prefetch, chunk)
@@ -240,7 +237,7 @@ class AugmentedStream(IterableDataset[Batch]):
         if self._arrays is not None:
             shape = [int(d) for d in self._arrays[0].shape[1:]]
         else:
-            shape = [int(d) for d in self._dataset_info.get("image_shape") or []]
+            shape = list(self._dataset_info.image_shape or ()) if self._dataset_info is not None else []
         size = self.spec.output_size or (tuple(shape[:2]) if len(shape) == 3 else None)
         if size is None:
             return None
@@ -254,9 +251,11 @@ class AugmentedStream(IterableDataset[Batch]):
 
     # -- epoch and resume ----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        """Move to the start of `epoch` (a new permutation when shuffling)."""
         self.epoch, self.position = epoch, 0
 
     def plan(self) -> list[np.ndarray]:
+        """This epoch's batches of sample ids, every rank's (`augsvc.epoch_batches`)."""
         return epoch_batches(self.population, self.batch_size, seed=self.seed, epoch=self.epoch,
                              shuffle=self.shuffle, drop_last=self.drop_last)
 
@@ -264,14 +263,17 @@ class AugmentedStream(IterableDataset[Batch]):
         return list(range(self.rank, len(self.plan()), self.world_size))
 
     def __len__(self) -> int:
+        """Batches this rank gets per epoch."""
         return len(self._indices())
 
     def state_dict(self) -> dict[str, Any]:
+        """Where this stream is (epoch, batches of it already yielded) and what it streams, to resume from."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
                 "spec": self.spec.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a `state_dict()`'s epoch and position; ValueError if it belongs to another stream."""
         for key in ("seed", "batch_size", "rank", "world_size", "spec"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
@@ -424,6 +426,17 @@ class AugmentedStream(IterableDataset[Batch]):
             calls.remove(call)
 
 
+def _fatal(exc: Exception, pending: list[int]) -> StreamError:
+    """The StreamError that ends a pass: "batches [...]: CODE: details" for a failed call, whose
+    status it keeps (`code()`), with the augsvc error for that status as its cause."""
+    cause = status_error(exc) if isinstance(exc, grpc.RpcError) else exc
+    error = StreamError(f"batches {pending}: {cause}")
+    if isinstance(cause, AugsvcError):
+        error.status_code_name = cause.status_code_name
+    error.__cause__ = cause
+    return error
+
+
 class _Fetcher:
     """Background fetch threads for one pass over `indices` (see the module docstring)."""
 
@@ -509,9 +522,7 @@ class _Fetcher:
                         self.attempts[k] = self.attempts.get(k, 0) + 1
                     exhausted = any(self.attempts[k] > self.stream.max_attempts for k in pending)
                     if not retryable or exhausted or isinstance(exc, StreamError) and not pending:
-                        what = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else exc
-                        self.error = StreamError(f"batches {pending}: {what}")
-                        self.error.__cause__ = exc
+                        self.error = _fatal(exc, pending)
                         self.cond.notify_all()
                         return
                     if pending:
@@ -519,7 +530,8 @@ class _Fetcher:
                     self.cond.notify_all()
                 # A failed call is its own RpcError, and its traceback holds the frame that holds the
                 # call: break that cycle, or the stream (and its shared memory) would live until the
-                # next garbage collection. (A fatal error keeps its traceback, as StreamError's cause.)
+                # next garbage collection. (A fatal error becomes StreamError's cause: for a failed
+                # call, the augsvc error for its status; any other exception keeps its traceback.)
                 exc.__traceback__ = None
                 # This endpoint failed: move to the next one and back off before using it again.
                 endpoint = (endpoint + 1) % self.stream.client.num_endpoints
