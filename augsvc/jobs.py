@@ -35,7 +35,7 @@ from .shm import CLIENT_SEGMENT_PREFIX, CLIENT_TOKEN_BYTES, is_client_segment
 from .spec import Spec, load_spec
 from .tensors import decode_tensor
 from .v1 import augment_pb2 as pb
-from .validation import Limits, check_batch_array, check_counter, dataset_indices, sample_keys
+from .validation import Limits, check_batch_array, check_counter, dataset_indices, sample_keys, strengths
 from .wire import TooManyFields, split_field
 
 __all__ = ["Augmentation", "BatchRange", "ClientPixels", "ClientSegment", "DatasetBatch", "Job", "MalformedRequest",
@@ -92,6 +92,7 @@ class DatasetBatch:
     sample_ids: np.ndarray
     channels: int
     out_segment: ClientSegment | None = None
+    strength: np.ndarray | None = None     # per sample, on top of the spec's (class strengths)
 
 
 @dataclass(frozen=True)
@@ -206,14 +207,16 @@ class BatchRange:
     order: np.ndarray
     batch_size: int
     indices: range
+    class_strength: np.ndarray | None = None
 
     def sample_ids(self, k: int) -> np.ndarray:
         return self.order[k * self.batch_size:(k + 1) * self.batch_size]
 
     def job(self, k: int, out_segment: ClientSegment | None = None) -> DatasetBatch:
         """Batch k's job: its ids are a slice of the checked plan, so nothing is checked again."""
-        return DatasetBatch(self.augmentation, self.dataset.name, self.sample_ids(k), self.dataset.channels,
-                            out_segment)
+        ids = self.sample_ids(k)
+        strength = None if self.class_strength is None else self.class_strength[self.dataset.labels[ids]]
+        return DatasetBatch(self.augmentation, self.dataset.name, ids, self.dataset.channels, out_segment, strength)
 
 
 def batch_range(call: StreamBatchesCall | pb.StreamBatchesRequest | MalformedRequest,
@@ -238,6 +241,13 @@ def batch_range(call: StreamBatchesCall | pb.StreamBatchesRequest | MalformedReq
         limits.check_batch_bytes("batch_size", request.batch_size * size[0] * size[1] * ds.channels,
                                  f"{request.batch_size} images of {size[0]}x{size[1]}x{ds.channels} are ")
     shuffle = request.shuffle if request.HasField("shuffle") else True
+    class_strength = None
+    if request.class_strength:
+        classes = len(ds.class_names)
+        if len(request.class_strength) != classes:
+            raise InvalidInputError(f"class_strength: {len(request.class_strength)} values for the {classes} classes "
+                                    f"of dataset {ds.name!r}; expected one per class, or none")
+        class_strength = strengths(request.class_strength, "class_strength")
 
     def plan() -> np.ndarray:
         ids = parsed.sample_ids()
@@ -251,7 +261,8 @@ def batch_range(call: StreamBatchesCall | pb.StreamBatchesRequest | MalformedReq
     if not request.start <= end <= count:
         raise InvalidInputError(f"start/end: batch range [{request.start}, {end}) is outside the epoch's "
                                 f"batches [0, {count})")
-    return BatchRange(ds, augmentation, order, request.batch_size, range(request.start, end, request.stride or 1))
+    return BatchRange(ds, augmentation, order, request.batch_size, range(request.start, end, request.stride or 1),
+                      class_strength)
 
 
 def client_segments(request: pb.StreamBatchesRequest, count: int) -> list[ClientSegment]:

@@ -222,7 +222,7 @@ def _check_message(msg: Message, path: str) -> None:
 class Spec:
     """A validated augmentation pipeline with every default filled in. Build it with `load_spec`."""
 
-    __slots__ = ("_message", "_steps", "_fingerprint", "_wire", "_output_size")
+    __slots__ = ("_message", "_steps", "_fingerprint", "_identity", "_wire", "_output_size")
 
     def __init__(self, message: pb.Pipeline, *, _validated: bool = False) -> None:
         if not _validated:
@@ -233,6 +233,10 @@ class Spec:
         )
         self._wire = message.SerializeToString(deterministic=True)
         self._fingerprint = hashlib.sha256(self._wire).hexdigest()[:16]
+        unscaled = pb.Pipeline()
+        unscaled.CopyFrom(message)
+        unscaled.ClearField("strength")
+        self._identity = hashlib.sha256(unscaled.SerializeToString(deterministic=True)).hexdigest()[:16]
         self._output_size: tuple[int, int] | None = None
         for _name, params in self._steps:
             if params.DESCRIPTOR.GetOptions().Extensions[pb.output_size] == pb.SETS_SIZE:
@@ -279,9 +283,26 @@ class Spec:
         return float(self._message.fill)
 
     @property
+    def strength(self) -> float:
+        """The magnitude multiplier in [0, 1] (1: the spec as written)."""
+        return float(self._message.strength)
+
+    @property
     def fingerprint(self) -> str:
         """Short hex digest of the canonical wire form; equal specs have equal fingerprints."""
         return self._fingerprint
+
+    @property
+    def identity(self) -> str:
+        """`fingerprint` without the strength: what a resumed stream must match (strength is
+        per-call state that a training run changes as it goes)."""
+        return self._identity
+
+    def with_strength(self, strength: float) -> Spec:
+        """This spec at another strength (validated like any field)."""
+        message = self.to_proto()
+        message.strength = strength
+        return Spec.from_proto(message)
 
     @property
     def output_size(self) -> tuple[int, int] | None:

@@ -18,7 +18,8 @@ import numpy as np
 from .errors import InvalidInputError, LimitExceededError
 
 __all__ = ["DEFAULT_MAX_BATCH_BYTES", "DEFAULT_MAX_SIDE", "Limits", "check_batch_array", "check_counter",
-           "check_image", "dataset_indices", "population_ids", "sample_keys"]
+           "check_image", "dataset_indices", "population_ids", "sample_keys", "sample_strength",
+           "strengths"]
 
 #: Largest image side accepted by default (input and output); servers may set their own.
 DEFAULT_MAX_SIDE = 4096
@@ -58,6 +59,24 @@ def dataset_indices(sample_ids: Any, num_samples: int, count: int | None = None,
             raise InvalidInputError(
                 f"{field}: {ids[bad][0]} is outside [0, {num_samples - 1}] (the dataset has {num_samples})")
     return ids.astype(np.int64, copy=False)
+
+
+def strengths(values: Any, field: str, count: int | None = None) -> np.ndarray:
+    """Magnitude multipliers: a float64 array of finite values in [0, 1] (`count` of them)."""
+    array = np.asarray(values, np.float64).reshape(-1)
+    if count is not None and array.size != count:
+        raise InvalidInputError(f"{field}: {array.size} values; expected {count}")
+    bad = ~(np.isfinite(array) & (array >= 0.0) & (array <= 1.0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidInputError(f"{field}[{i}]: {float(array[i])!r} is outside [0, 1]")
+    return array
+
+
+def sample_strength(strength: Any, count: int) -> np.ndarray:
+    """Per-sample strength: one value for every sample, or one per sample."""
+    array = np.asarray(strength, np.float64)
+    return strengths(np.broadcast_to(array, (count,)) if array.ndim == 0 else array, "strength", count)
 
 
 def population_ids(population: int | Sequence[int] | np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Serialized replies built with one copy of the pixels, and a client-side parser that takes no
-copy at all (issue: the transport ceiling is copies, not the wire).
+copy at all.
 
 `batch_bytes` / `augment_response_bytes` produce exactly the bytes that serializing a `Batch` /
 `AugmentResponse` message would (fields in another order, which protobuf allows), but copy the

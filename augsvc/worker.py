@@ -183,8 +183,10 @@ class _Worker:
         images = self.images(job)
         segment = job.out_segment if isinstance(job, DatasetBatch) else None
         target, written_to = self._out_view(images, size, segment)
+        strength = job.strength if isinstance(job, DatasetBatch) else None
         out = self.augment_batch(images, spec, seed=aug.seed, epoch=aug.epoch, sample_ids=job.sample_ids,
-                                 backend=aug.backend, max_side=self.limits.max_image_side, out=target)
+                                 backend=aug.backend, max_side=self.limits.max_image_side, out=target,
+                                 strength=strength)
         del images
         if target is None:
             self._check_output(out.nbytes)

@@ -173,13 +173,18 @@ class AugmentedStream(IterableDataset[Batch]):
     shared_memory: receive pixels through shared memory (see the module docstring); None means
     when every endpoint is a unix socket or loopback address. channels_last: images are
     channels_last views of the received pixels (default) or contiguous NCHW copies.
+    strength: the augmentation magnitude in [0, 1] (None: the spec's own); class_strength: one
+    more multiplier per class of the dataset (a sample's magnitude is strength * class_strength
+    of its label). Both are per-epoch state: `set_epoch(e, strength=...)` changes them for the
+    next pass, and no batch of that pass is made with the old values.
     """
 
     def __init__(self, client: AugmentClient, dataset: str | None, spec: Any, *, batch_size: int, seed: int,
                  epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, prefetch: int | None = None,
                  sample_ids: Any = None, drop_last: bool = False, backend: str = "fused",
                  streams: int | None = None, chunk: int | None = None, timeout: float = 120.0,
-                 max_attempts: int = 10, shared_memory: bool | None = None, channels_last: bool = True) -> None:
+                 max_attempts: int = 10, shared_memory: bool | None = None, channels_last: bool = True,
+                 strength: float | None = None, class_strength: Sequence[float] | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size: {batch_size} is not allowed; expected >= 1")
@@ -191,6 +196,8 @@ class AugmentedStream(IterableDataset[Batch]):
         self.client = client
         self.dataset = dataset
         self.spec = load_spec(spec)
+        self.class_strength: tuple[float, ...] | None = None
+        self._set_strength(strength, class_strength)
         self.batch_size, self.seed, self.epoch, self.shuffle = batch_size, seed, epoch, shuffle
         self.rank, self.world_size = rank, world_size
         self.drop_last, self.backend, self.timeout, self.max_attempts = drop_last, backend, timeout, max_attempts
@@ -250,9 +257,28 @@ class AugmentedStream(IterableDataset[Batch]):
         self.chunk = chunk or max(1, min(8, self.prefetch // self.streams))
 
     # -- epoch and resume ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of `epoch` (a new permutation when shuffling)."""
+    def set_epoch(self, epoch: int, *, strength: float | None = None,
+                  class_strength: Sequence[float] | None = None) -> None:
+        """Move to the start of `epoch` (a new permutation when shuffling); a `strength` or
+        `class_strength` given applies from this epoch on."""
         self.epoch, self.position = epoch, 0
+        self._set_strength(strength, class_strength)
+
+    @property
+    def strength(self) -> float:
+        """The global augmentation magnitude of the next pass."""
+        return self.spec.strength
+
+    def _set_strength(self, strength: float | None, class_strength: Sequence[float] | None) -> None:
+        if strength is not None and strength != self.spec.strength:
+            self.spec = self.spec.with_strength(float(strength))
+        if class_strength is not None:
+            if self.dataset is None:
+                raise ValueError("class_strength: streams of the client's own arrays have no per-class strength")
+            values = tuple(float(v) for v in class_strength)
+            if any(not 0.0 <= v <= 1.0 for v in values):
+                raise ValueError(f"class_strength: {list(values)} is not allowed; expected values in [0, 1]")
+            self.class_strength = values
 
     def plan(self) -> list[np.ndarray]:
         """This epoch's batches of sample ids, every rank's (`augsvc.epoch_batches`)."""
@@ -270,15 +296,18 @@ class AugmentedStream(IterableDataset[Batch]):
         """Where this stream is (epoch, batches of it already yielded) and what it streams, to resume from."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "spec": self.spec.fingerprint}
+                "spec": self.spec.identity, "strength": self.spec.strength,
+                "class_strength": None if self.class_strength is None else list(self.class_strength)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a `state_dict()`'s epoch and position; ValueError if it belongs to another stream."""
+        """Resume at a `state_dict()`'s epoch, position and strength; ValueError if it belongs to
+        another stream (the spec is compared without its strength, which is state)."""
         for key in ("seed", "batch_size", "rank", "world_size", "spec"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
                 raise ValueError(f"state_dict: {key} {state[key]!r} does not match this stream's {mine!r}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._set_strength(state.get("strength"), state.get("class_strength"))
 
     # -- shared memory -------------------------------------------------------------------------------
     def _segment_pool(self) -> _Segments | None:
@@ -327,7 +356,8 @@ class AugmentedStream(IterableDataset[Batch]):
         head = pb.StreamBatchesRequest(
             dataset=self.dataset, spec=self.spec.to_proto(), seed=self.seed, epoch=self.epoch,
             batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last, backend=self.backend,
-            sample_ids=[] if self._whole_dataset else self.population.tolist())
+            sample_ids=[] if self._whole_dataset else self.population.tolist(),
+            class_strength=list(self.class_strength or ()))
         data: bytes = head.SerializeToString()
         return data
 

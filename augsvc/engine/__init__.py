@@ -15,7 +15,15 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..spec import Spec, load_spec
 from ..transforms import Draw, draw_steps
-from ..validation import DEFAULT_MAX_SIDE, Limits, check_batch_array, check_counter, check_image, sample_keys
+from ..validation import (
+    DEFAULT_MAX_SIDE,
+    Limits,
+    check_batch_array,
+    check_counter,
+    check_image,
+    sample_keys,
+    sample_strength,
+)
 from .fused import run_fused
 from .images import Images
 from .reference import run_reference
@@ -54,7 +62,7 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
 
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
                   sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, strength: Any = None) -> np.ndarray:
     """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
 
     out: a C-contiguous uint8 array of exactly the output shape to write into (e.g. a worker's
@@ -62,8 +70,11 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
 
     images: uint8 (N, H, W, C) with C in {1, 3}, or a sequence of (H, W, C) images of varying
     size when the spec ends in a sizing step (resize / random_resized_crop).
+    strength: per-sample magnitude multipliers in [0, 1] (e.g. each sample's class strength), on
+    top of the spec's own `strength`; None is 1 for every sample.
+
     The pixels of sample i depend only on (spec, its input pixels, seed, epoch, sample_ids[i],
-    backend) — not on the batch, its position in it, or anything else.
+    strength[i], backend) — not on the batch, its position in it, or anything else.
     """
     spec = load_spec(spec)
     if backend not in BACKENDS:
@@ -89,7 +100,8 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         if out.dtype != np.uint8 or out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidInputError(f"out: expected a writable C-contiguous uint8 array of shape {want}, got "
                                     f"{out.dtype} {out.shape}")
-    draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
+    draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths,
+                       strength=None if strength is None else sample_strength(strength, len(work)))
     result = BACKENDS[backend](work, draws, spec, out)
     if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")

@@ -37,13 +37,17 @@ TRANSFORMS: dict[str, Transform[Any]] = {name: _definition(name) for name in TRA
 
 
 def draw_steps(spec: Spec, *, seed: int, epoch: int, sample_ids: np.ndarray, heights: np.ndarray,
-               widths: np.ndarray) -> list[Draw[Any]]:
-    """Every random draw of `spec` for a batch, with the image size before and after each step."""
+               widths: np.ndarray, strength: np.ndarray | None = None) -> list[Draw[Any]]:
+    """Every random draw of `spec` for a batch, with the image size before and after each step.
+    Each sample's magnitude is the spec's strength times its entry of `strength` (per sample)."""
     draws: list[Draw[Any]] = []
     h = heights.astype(np.int64)
     w = widths.astype(np.int64)
+    s = None
+    if spec.strength != 1.0 or strength is not None:
+        s = np.broadcast_to(spec.strength * (1.0 if strength is None else strength), sample_ids.shape)
     for index, (name, params) in enumerate(spec.steps):
-        draw = TRANSFORMS[name].draw(params, Draws(seed, epoch, sample_ids, index), h, w)
+        draw = TRANSFORMS[name].draw(params, Draws(seed, epoch, sample_ids, index), h, w, s)
         draws.append(draw)
         h, w = draw.out_size
     return draws

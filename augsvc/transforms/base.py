@@ -14,6 +14,11 @@ transform: the random values it draws (typed, vectorized over the batch, from co
 - `PixelTransform`: an allow-listed albumentations transform, run with a per-sample generator;
   both backends apply it the same way.
 
+A definition also says how a magnitude `strength` s in [0, 1] scales it (`at_strength`): a
+sample's draw at strength s is its draw at strength 1 scaled, from the same underlying uniforms,
+so two strengths differ only in magnitude. s = 1 leaves every value exactly as drawn; a
+magnitude-bearing step is skipped (not applied at zero) where s = 0; sizing steps still size.
+
 Conventions (albumentations 2.0.8, so one fused warp matches the reference): pixel centres at
 integer coordinates, the image centre at (w/2 - 0.5, h/2 - 0.5), positive angles
 counter-clockwise, resizing that maps pixel centres like cv2.resize.
@@ -32,7 +37,8 @@ from ..rng import Draws
 from ..v1 import augment_pb2 as pb
 
 __all__ = ["ColorTransform", "CropBoxes", "Draw", "GeometricTransform", "PixelTransform", "Resampling",
-           "Transform", "about_centre", "affine_reference_matrix", "crop_resize_matrices", "identity_matrices"]
+           "Transform", "about_centre", "affine_reference_matrix", "crop_resize_matrices", "identity_matrices",
+           "toward"]
 
 V = TypeVar("V")
 
@@ -72,10 +78,20 @@ class Transform(Generic[V]):
 
     name: ClassVar[str]
 
-    def draw(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray) -> Draw[V]:
-        """Every random value of this step for a batch of images of the given sizes."""
+    def draw(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray,
+             strength: np.ndarray | None = None) -> Draw[V]:
+        """Every random value of this step for a batch of images of the given sizes, at the
+        per-sample `strength` (None: 1 for every sample)."""
         apply, values = self.draw_values(params, d, heights, widths)
+        if strength is not None and not (strength == 1.0).all():
+            apply, values = self.at_strength(apply, values, strength, params, heights, widths)
         return Draw(self, params, apply, values, (heights, widths), self.output_size(params, heights, widths))
+
+    def at_strength(self, apply: np.ndarray, values: V, strength: np.ndarray, params: Any, heights: np.ndarray,
+                    widths: np.ndarray) -> tuple[np.ndarray, V]:
+        """The draws at per-sample strength (values exactly as drawn where it is 1). By default a
+        step has no magnitude and strength leaves it alone (flips, resize, center_crop)."""
+        return apply, values
 
     def draw_values(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray
                     ) -> tuple[np.ndarray, V]:
@@ -186,9 +202,17 @@ def crop_resize_matrices(x0: np.ndarray, y0: np.ndarray, cw: np.ndarray, ch: np.
 _NO_SHIFT = {"x": 0.0, "y": 0.0}
 
 
-def affine_reference_matrix(shape: tuple[int, int], *, rotate: float = 0.0, scale: float = 1.0) -> np.ndarray:
-    """albumentations' own affine matrix (what `A.Affine` builds) about the centre of `shape`."""
+def affine_reference_matrix(shape: tuple[int, int], *, rotate: float = 0.0, scale: float = 1.0,
+                            translate: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """albumentations' own affine matrix (what `A.Affine` builds) about the centre of `shape`;
+    `translate` is (x, y) in pixels."""
     m: np.ndarray = fgeometric.create_affine_transformation_matrix(
-        translate=_NO_SHIFT, shear=_NO_SHIFT, scale={"x": scale, "y": scale}, rotate=rotate,
-        shift=fgeometric.center(shape))
+        translate={"x": translate[0], "y": translate[1]}, shear=_NO_SHIFT, scale={"x": scale, "y": scale},
+        rotate=rotate, shift=fgeometric.center(shape))
     return m
+
+
+def toward(drawn: np.ndarray, identity: float, strength: np.ndarray) -> np.ndarray:
+    """`drawn` moved toward `identity` linearly: identity + s * (drawn - identity), exactly `drawn`
+    where s is 1."""
+    return np.where(strength == 1.0, drawn, identity + strength * (drawn - identity))

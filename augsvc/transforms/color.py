@@ -2,6 +2,7 @@
 brightness, contrast, saturation, hue, with probability p. Factors are drawn from
 [max(0, 1 - x), 1 + x]; the hue shift from [-hue, hue] (a fraction of the hue circle).
 Saturation and hue do nothing to grayscale images.
+Strength s: each factor moves toward 1 (1 + s * (factor - 1)), the hue shift times s.
 
 The fused application takes few OpenCV passes per image:
 - brightness and contrast fold into ONE lookup table per image (albucore's truncating multiply);
@@ -22,7 +23,7 @@ import numpy as np
 
 from .._albumentations import fpixel
 from ..rng import Draws
-from .base import ColorTransform
+from .base import ColorTransform, toward
 
 _GRAY = np.array([0.299, 0.587, 0.114])
 _LEVELS = np.arange(256, dtype=np.float64)
@@ -98,6 +99,12 @@ class Color(ColorTransform[ColorFactors]):
         return d.bernoulli(0, params.p), ColorFactors(
             factor(1, float(params.brightness)), factor(2, float(params.contrast)),
             factor(3, float(params.saturation)), d.uniform(4, -params.hue, params.hue))
+
+    def at_strength(self, apply: np.ndarray, values: ColorFactors, strength: np.ndarray, params: Any,
+                    heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, ColorFactors]:
+        return apply & (strength > 0), ColorFactors(
+            toward(values.brightness, 1.0, strength), toward(values.contrast, 1.0, strength),
+            toward(values.saturation, 1.0, strength), toward(values.hue, 0.0, strength))
 
     def acts(self, params: Any) -> bool:
         uses = _Uses.of(params)

@@ -1,5 +1,6 @@
 """`gaussian_blur`: Gaussian blur with sigma drawn from sigma_range pixels (albumentations'
-GaussianBlur, with probability p)."""
+GaussianBlur, with probability p).
+Strength s: the sigma range times s."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from .albumentations_backed import AlbumentationsTransform
 class GaussianBlur(AlbumentationsTransform):
     name = "gaussian_blur"
 
-    def build(self, params: Any) -> A.BasicTransform:
-        return A.GaussianBlur(sigma_limit=tuple(params.sigma_range), blur_limit=0, p=1.0)
+    def build(self, params: Any, strength: float) -> A.BasicTransform:
+        lo, hi = (float(v) for v in params.sigma_range)
+        return A.GaussianBlur(sigma_limit=(strength * lo, strength * hi), blur_limit=0, p=1.0)
 
 
 TRANSFORM = GaussianBlur()

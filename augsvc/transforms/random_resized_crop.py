@@ -1,6 +1,8 @@
 """`random_resized_crop`: the ImageNet recipe — a crop of random area fraction (scale_range) and
 aspect ratio (ratio_range, log-uniform), resized to height x width; after RRC_ATTEMPTS failed
-draws it falls back to a centre crop, like torchvision and albumentations."""
+draws it falls back to a centre crop, like torchvision and albumentations.
+Strength s: the box moves toward the whole image (offsets times s, sides toward the image's), so
+s = 0 is a plain resize of the whole image — the step still sizes, with no magnitude left."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 
 from .._albumentations import fcrops, fgeometric
 from ..rng import Draws
-from .base import CropBoxes, GeometricTransform, Resampling, crop_resize_matrices
+from .base import CropBoxes, GeometricTransform, Resampling, crop_resize_matrices, toward
 
 #: (area, ratio) draws tried before the centre-crop fallback.
 RRC_ATTEMPTS = 10
@@ -56,6 +58,19 @@ class RandomResizedCrop(GeometricTransform[CropBoxes]):
             cw[rest], ch[rest] = fw, fh
             x0[rest], y0[rest] = (ww - fw) // 2, (hh - fh) // 2
         return self.always(d), CropBoxes(x0, y0, cw, ch)
+
+    def at_strength(self, apply: np.ndarray, values: CropBoxes, strength: np.ndarray, params: Any,
+                    heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, CropBoxes]:
+        def side(drawn: np.ndarray, whole: np.ndarray) -> np.ndarray:
+            mixed: np.ndarray = toward(drawn.astype(np.float64), 0.0, strength) + (1.0 - strength) * whole
+            rounded: np.ndarray = np.rint(mixed).astype(np.int64)
+            return rounded
+
+        x0 = np.rint(strength * values.x0).astype(np.int64)
+        y0 = np.rint(strength * values.y0).astype(np.int64)
+        w = np.minimum(side(values.w, widths), widths - x0)
+        h = np.minimum(side(values.h, heights), heights - y0)
+        return apply, CropBoxes(x0, y0, w, h)
 
     def matrix(self, values: CropBoxes, h: np.ndarray, w: np.ndarray, oh: np.ndarray, ow: np.ndarray
                ) -> np.ndarray:

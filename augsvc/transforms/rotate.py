@@ -1,5 +1,6 @@
 """`rotate`: turn about the image centre by an angle drawn uniformly from limit_range (degrees,
-counter-clockwise positive), with probability p; the output keeps the input size."""
+counter-clockwise positive), with probability p; the output keeps the input size.
+Strength s: the angle times s."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..rng import Draws
-from .base import GeometricTransform, Resampling, about_centre, affine_reference_matrix
+from .base import GeometricTransform, Resampling, about_centre, affine_reference_matrix, toward
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class Rotate(GeometricTransform[Angles]):
                     ) -> tuple[np.ndarray, Angles]:
         lo, hi = params.limit_range
         return d.bernoulli(0, params.p), Angles(d.uniform(1, lo, hi))
+
+    def at_strength(self, apply: np.ndarray, values: Angles, strength: np.ndarray, params: Any,
+                    heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, Angles]:
+        return apply & (strength > 0), Angles(toward(values.angle, 0.0, strength))
 
     def matrix(self, values: Angles, h: np.ndarray, w: np.ndarray, oh: np.ndarray, ow: np.ndarray
                ) -> np.ndarray:

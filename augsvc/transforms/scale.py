@@ -1,5 +1,6 @@
 """`scale`: isotropic zoom about the image centre by a factor drawn uniformly from scale_range,
-with probability p; the output keeps the input size."""
+with probability p; the output keeps the input size.
+Strength s: the factor moves toward 1 in log space (factor ** s), so zooming in and out scale alike."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ class Scale(GeometricTransform[Zooms]):
                     ) -> tuple[np.ndarray, Zooms]:
         lo, hi = params.scale_range
         return d.bernoulli(0, params.p), Zooms(d.uniform(1, lo, hi))
+
+    def at_strength(self, apply: np.ndarray, values: Zooms, strength: np.ndarray, params: Any,
+                    heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, Zooms]:
+        scaled = np.where(strength == 1.0, values.scale, np.exp(strength * np.log(values.scale)))
+        return apply & (strength > 0), Zooms(scaled)
 
     def matrix(self, values: Zooms, h: np.ndarray, w: np.ndarray, oh: np.ndarray, ow: np.ndarray) -> np.ndarray:
         linear = np.zeros((h.size, 2, 2))

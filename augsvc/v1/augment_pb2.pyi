@@ -61,6 +61,16 @@ class Rotate(_message.Message):
     p: float
     def __init__(self, limit_range: _Optional[_Iterable[float]] = ..., p: _Optional[float] = ...) -> None: ...
 
+class Translate(_message.Message):
+    __slots__ = ("x_range", "y_range", "p")
+    X_RANGE_FIELD_NUMBER: _ClassVar[int]
+    Y_RANGE_FIELD_NUMBER: _ClassVar[int]
+    P_FIELD_NUMBER: _ClassVar[int]
+    x_range: _containers.RepeatedScalarFieldContainer[float]
+    y_range: _containers.RepeatedScalarFieldContainer[float]
+    p: float
+    def __init__(self, x_range: _Optional[_Iterable[float]] = ..., y_range: _Optional[_Iterable[float]] = ..., p: _Optional[float] = ...) -> None: ...
+
 class Scale(_message.Message):
     __slots__ = ("scale_range", "p")
     SCALE_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -134,7 +144,7 @@ class GaussianBlur(_message.Message):
     def __init__(self, sigma_range: _Optional[_Iterable[float]] = ..., p: _Optional[float] = ...) -> None: ...
 
 class Transform(_message.Message):
-    __slots__ = ("hflip", "vflip", "rotate", "scale", "color", "resize", "random_resized_crop", "coarse_dropout", "gaussian_blur", "center_crop")
+    __slots__ = ("hflip", "vflip", "rotate", "scale", "color", "resize", "random_resized_crop", "coarse_dropout", "gaussian_blur", "center_crop", "translate")
     HFLIP_FIELD_NUMBER: _ClassVar[int]
     VFLIP_FIELD_NUMBER: _ClassVar[int]
     ROTATE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +155,7 @@ class Transform(_message.Message):
     COARSE_DROPOUT_FIELD_NUMBER: _ClassVar[int]
     GAUSSIAN_BLUR_FIELD_NUMBER: _ClassVar[int]
     CENTER_CROP_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATE_FIELD_NUMBER: _ClassVar[int]
     hflip: HFlip
     vflip: VFlip
     rotate: Rotate
@@ -155,17 +166,20 @@ class Transform(_message.Message):
     coarse_dropout: CoarseDropout
     gaussian_blur: GaussianBlur
     center_crop: CenterCrop
-    def __init__(self, hflip: _Optional[_Union[HFlip, _Mapping]] = ..., vflip: _Optional[_Union[VFlip, _Mapping]] = ..., rotate: _Optional[_Union[Rotate, _Mapping]] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., color: _Optional[_Union[Color, _Mapping]] = ..., resize: _Optional[_Union[Resize, _Mapping]] = ..., random_resized_crop: _Optional[_Union[RandomResizedCrop, _Mapping]] = ..., coarse_dropout: _Optional[_Union[CoarseDropout, _Mapping]] = ..., gaussian_blur: _Optional[_Union[GaussianBlur, _Mapping]] = ..., center_crop: _Optional[_Union[CenterCrop, _Mapping]] = ...) -> None: ...
+    translate: Translate
+    def __init__(self, hflip: _Optional[_Union[HFlip, _Mapping]] = ..., vflip: _Optional[_Union[VFlip, _Mapping]] = ..., rotate: _Optional[_Union[Rotate, _Mapping]] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., color: _Optional[_Union[Color, _Mapping]] = ..., resize: _Optional[_Union[Resize, _Mapping]] = ..., random_resized_crop: _Optional[_Union[RandomResizedCrop, _Mapping]] = ..., coarse_dropout: _Optional[_Union[CoarseDropout, _Mapping]] = ..., gaussian_blur: _Optional[_Union[GaussianBlur, _Mapping]] = ..., center_crop: _Optional[_Union[CenterCrop, _Mapping]] = ..., translate: _Optional[_Union[Translate, _Mapping]] = ...) -> None: ...
 
 class Pipeline(_message.Message):
-    __slots__ = ("transforms", "border", "fill")
+    __slots__ = ("transforms", "border", "fill", "strength")
     TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
     BORDER_FIELD_NUMBER: _ClassVar[int]
     FILL_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
     transforms: _containers.RepeatedCompositeFieldContainer[Transform]
     border: str
     fill: float
-    def __init__(self, transforms: _Optional[_Iterable[_Union[Transform, _Mapping]]] = ..., border: _Optional[str] = ..., fill: _Optional[float] = ...) -> None: ...
+    strength: float
+    def __init__(self, transforms: _Optional[_Iterable[_Union[Transform, _Mapping]]] = ..., border: _Optional[str] = ..., fill: _Optional[float] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -208,7 +222,7 @@ class AugmentResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tag: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "spec", "seed", "epoch", "batch_size", "shuffle", "drop_last", "sample_ids", "start", "end", "stride", "backend", "shm_segments")
+    __slots__ = ("dataset", "spec", "seed", "epoch", "batch_size", "shuffle", "drop_last", "sample_ids", "start", "end", "stride", "backend", "shm_segments", "class_strength")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +236,7 @@ class StreamBatchesRequest(_message.Message):
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     spec: Pipeline
     seed: int
@@ -235,7 +250,8 @@ class StreamBatchesRequest(_message.Message):
     stride: int
     backend: str
     shm_segments: _containers.RepeatedCompositeFieldContainer[ShmSegment]
-    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[Pipeline, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., stride: _Optional[int] = ..., backend: _Optional[str] = ..., shm_segments: _Optional[_Iterable[_Union[ShmSegment, _Mapping]]] = ...) -> None: ...
+    class_strength: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[Pipeline, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., stride: _Optional[int] = ..., backend: _Optional[str] = ..., shm_segments: _Optional[_Iterable[_Union[ShmSegment, _Mapping]]] = ..., class_strength: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("name", "token")
