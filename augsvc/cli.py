@@ -1,5 +1,8 @@
 """`augsvc serve | preview | health | bench`.
 
+`serve` prints one JSON line on stdout once it accepts calls (`augsvc.launcher.ReadyLine`); its
+logs go to stderr.
+
 Every `serve` flag also reads an environment variable (AUGSVC_<FLAG>, e.g. AUGSVC_PORT,
 AUGSVC_WORKERS, AUGSVC_DATASETS="a=builtin:digits,b=/data/b.npz"), so containers are configured
 either way; flags win.
@@ -63,6 +66,7 @@ def _serve_parser(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .datasets import parse_dataset_arg
+    from .launcher import ReadyLine
     from .server import ServerSettings, create_server
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
@@ -92,9 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = address if args.unix else f"{host}:{port}"
     log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
              ", ".join(server.datasets) or "none")
-    # A line on stdout that scripts (and tests) wait for.
-    print(f"augsvc serving on {where} workers={server.pool.worker_count} "
-          f"metrics={server.metrics_port or '-'}", flush=True)
+    # The line on stdout that launchers (augsvc.launcher) and scripts wait for.
+    ready = ReadyLine(address=where, host=None if args.unix else args.host, port=port if not args.unix else 0,
+                      pid=os.getpid(), workers=server.pool.worker_count, metrics_port=server.metrics_port,
+                      datasets=tuple(server.datasets))
+    print(ready.to_json(), flush=True)
     stop.wait()
     server.stop()
     log.info("stopped")
