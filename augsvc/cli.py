@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
              ", ".join(server.datasets) or "none")
     # The line on stdout that launchers (augsvc.launcher) and scripts wait for.
-    ready = ReadyLine(address=where, host=None if args.unix else args.host, port=port if not args.unix else 0,
+    ready = ReadyLine(address=where, host=None if args.unix else args.host, port=port,
                       pid=os.getpid(), workers=server.pool.worker_count, metrics_port=server.metrics_port,
                       datasets=tuple(server.datasets))
     print(ready.to_json(), flush=True)
