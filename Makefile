@@ -21,19 +21,20 @@ demo: install
 
 test: install
 	$(PY) scripts/gen_protos.py --check
-	$(PY) -m ruff check augsvc trainer_client tests scripts
-	$(PY) -m mypy augsvc trainer_client
+	$(PY) -m ruff check augsvc trainer_client tests scripts benchmarks
+	$(PY) -m mypy augsvc trainer_client benchmarks
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check augsvc trainer_client tests scripts
-	$(PY) -m mypy augsvc trainer_client
+	$(PY) -m ruff check augsvc trainer_client tests scripts benchmarks
+	$(PY) -m mypy augsvc trainer_client benchmarks
 
 protos: install
 	$(PY) scripts/gen_protos.py
 
+# The engine against albumentations (about a minute); `bash benchmarks/bench_all.sh` makes every README table.
 bench: install
-	$(VENV)/bin/augsvc bench engine
+	$(PY) -m benchmarks.engine
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

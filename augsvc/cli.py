@@ -1,5 +1,8 @@
 """`augsvc serve | preview | health | bench`.
 
+`serve` prints one JSON line on stdout once it accepts calls (`augsvc.launcher.ReadyLine`); its
+logs go to stderr.
+
 Every `serve` flag also reads an environment variable (AUGSVC_<FLAG>, e.g. AUGSVC_PORT,
 AUGSVC_WORKERS, AUGSVC_DATASETS="a=builtin:digits,b=/data/b.npz"), so containers are configured
 either way; flags win.
@@ -63,6 +66,7 @@ def _serve_parser(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .datasets import parse_dataset_arg
+    from .launcher import ReadyLine
     from .server import ServerSettings, create_server
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
@@ -92,9 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = address if args.unix else f"{host}:{port}"
     log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
              ", ".join(server.datasets) or "none")
-    # A line on stdout that scripts (and tests) wait for.
-    print(f"augsvc serving on {where} workers={server.pool.worker_count} "
-          f"metrics={server.metrics_port or '-'}", flush=True)
+    # The line on stdout that launchers (augsvc.launcher) and scripts wait for.
+    ready = ReadyLine(address=where, host=None if args.unix else args.host, port=port,
+                      pid=os.getpid(), workers=server.pool.worker_count, metrics_port=server.metrics_port,
+                      datasets=tuple(server.datasets))
+    print(ready.to_json(), flush=True)
     stop.wait()
     server.stop()
     log.info("stopped")
@@ -134,18 +140,20 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    import importlib
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .sizing import measure_spec, sizing_images
 
-    # These two stream into torch, so they live on the trainer side (augsvc stays torch-free).
-    torch_side = {"e2e": "trainer_client.bench_e2e", "scaleout": "trainer_client.bench_scaleout"}
-    name = torch_side.get(args.which, f"augsvc.bench.{args.which}")
-    module = importlib.import_module(name)
-    return int(module.main(rest))
+    images = sizing_images(image_path=args.image, side=args.side, channels=args.channels, batch=args.batch)
+    result = measure_spec(args.spec, images, seconds=args.seconds)
+    n, h, w, c = result.input_shape
+    _, oh, ow, oc = result.output_shape
+    print(f"{result.images_per_second:.0f} images/s per core ({1e6 / result.images_per_second:.0f} us per image): "
+          f"spec {args.spec}, fused backend, batches of {n} {h}x{w}x{c} -> {oh}x{ow}x{oc}, one process")
+    print("a worker process uses one core: workers needed = the images/s your trainers consume / this figure")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     logging.basicConfig(level=os.environ.get("AUGSVC_LOG_LEVEL", "INFO"),
                         format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
                                '"message":"%(message)s"}')
@@ -166,14 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=11)
     p.add_argument("--cols", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
-    p.add_argument("which", choices=["engine", "service", "e2e", "transport", "scaling", "scaleout"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return cmd_bench(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"serve": cmd_serve, "health": cmd_health, "preview": cmd_preview}
+    p = sub.add_parser("bench", help="images/s per core of a spec, to size a deployment")
+    p.add_argument("--spec", required=True, help="spec file (.yaml/.json) or YAML/JSON text")
+    p.add_argument("--image", default=None,
+                   help="an image to augment, at its own size unless --side is given (default: crops of "
+                        "the built-in sample photos)")
+    p.add_argument("--side", type=int, default=None, help="input images side x side (default 224 for the "
+                                                         "sample photos)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="1 (gray) or 3 (RGB) input channels (default: the image's own; 3 for the sample photos)")
+    p.add_argument("--batch", type=int, default=64, help="images per batch (as a request's batch_size)")
+    p.add_argument("--seconds", type=float, default=5.0, help="how long to measure")
+    args = parser.parse_args(argv)
+    handlers = {"serve": cmd_serve, "health": cmd_health, "preview": cmd_preview, "bench": cmd_bench}
     from .errors import AugsvcError
 
     try:

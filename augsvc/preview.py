@@ -10,15 +10,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .engine import augment_batch
+from .samples import sample_photo
 from .spec import load_spec
 
 
 def load_image(path: str | None) -> np.ndarray:
-    """An (H,W,C) uint8 image from a file, or scikit-learn's sample photo when path is None."""
+    """An (H,W,C) uint8 image from a file, or the built-in sample photo when path is None."""
     if path is None:
-        from sklearn.datasets import load_sample_image
-
-        return np.ascontiguousarray(load_sample_image("china.jpg")[60:380, 150:470])
+        return sample_photo()
     with Image.open(path) as opened:
         im = opened.convert("L") if opened.mode in ("L", "I;16", "1") else opened.convert("RGB")
         arr = np.asarray(im)

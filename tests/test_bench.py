@@ -1,20 +1,26 @@
-"""The benchmark commands run end to end and write what the README quotes (tiny sizes, no timing
-assertions: speed is judged from `scripts/bench_all.sh` runs, never in CI)."""
+"""The benchmarks (`python -m benchmarks.X` from the repository root) run end to end and write what
+the README quotes, and `augsvc bench` sizes a user's spec (tiny sizes, no timing assertions: speed
+is judged from `benchmarks/bench_all.sh` runs, never in CI)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
 AUGSVC = Path(sys.executable).with_name("augsvc")
 
 
-def bench(tmp_path: Path, *args: str) -> dict:
+def bench(tmp_path: Path, name: str, *args: str) -> dict:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([str(AUGSVC), "bench", *args, "--json", str(out)], capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data: dict = json.loads(out.read_text())
     assert data["machine"] and data["date"]
@@ -46,3 +52,23 @@ def test_bench_engine_and_transport(tmp_path: Path) -> None:
     assert row["fused"] > 0 and row["fused_vs_compose"] > 0
     rows = bench(tmp_path, "transport", "--sizes-kb", "64", "--seconds", "0.3")["rows"]
     assert rows and all(r["socket"] > 0 and r["augsvc_wire"] > 0 for r in rows)
+
+
+def sizing(*args: str) -> str:
+    proc = subprocess.run([str(AUGSVC), "bench", *args], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_augsvc_bench_sizes_a_spec_on_sample_photos_or_the_users_image(tmp_path: Path) -> None:
+    spec = ROOT / "augsvc" / "examples" / "imagenet.yaml"
+    out = sizing("--spec", str(spec), "--side", "64", "--batch", "4", "--seconds", "0.2")
+    rate = re.match(r"(\d+) images/s per core", out)
+    assert rate and int(rate[1]) > 0, out
+    assert "batches of 4 64x64x3 -> 224x224x3" in out, out  # the spec ends in a 224x224 crop
+    image = tmp_path / "gray.png"
+    Image.fromarray(np.arange(40 * 30, dtype=np.uint8).reshape(30, 40)).save(image)
+    out = sizing("--spec", '{"transforms": [{"hflip": {}}]}', "--image", str(image), "--batch", "2",
+                 "--seconds", "0.2")
+    assert "batches of 2 30x40x1 -> 30x40x1" in out, out
+

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.servers import READY_RE, wait_until
+from helpers.servers import wait_until
 
 from augsvc import epoch_batches, load_spec
+from augsvc.launcher import ReadyLine
 from trainer_client import AugmentClient, AugmentedStream
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
@@ -129,9 +130,9 @@ def start_container(image: str, name: str, attempts: int = 3) -> Container:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=30).stdout
-            ready = next((m for m in map(READY_RE.match, logs.splitlines()) if m), None)
+            ready = next((r for r in map(ReadyLine.parse, logs.splitlines()) if r), None)
             if ready:
-                return Container(name, int(ready["port"]), int(ready["workers"]))
+                return Container(name, ready.port, ready.workers)
             if podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
                 break  # exited before it was ready: most likely the port was taken meanwhile
             time.sleep(0.2)

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.data import BENCH_SPEC
 from scipy import stats
 
 from augsvc import InvalidInputError, LimitExceededError, SpecError, augment_batch, load_spec
-from augsvc.bench.common import BENCH_SPEC, sample_images
+from augsvc.samples import sample_images
 from augsvc.transforms import draw_steps
 
 BACKENDS = ("fused", "albumentations")

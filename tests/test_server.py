@@ -622,7 +622,7 @@ def test_cli_serve_health_and_sigterm(tmp_path: Path) -> None:
                      "--metrics-port", "0"], tmp_path / "serve.log",
                     env=subprocess_env(**{SLEEP_HOOK_ENV: f"{SLOW_SEED}:{HOOK_S}"}))
     try:
-        assert (cli.host, cli.ready["workers"]) == ("127.0.0.1", "1") and cli.port > 0 and cli.metrics_port
+        assert (cli.host, cli.workers) == ("127.0.0.1", 1) and cli.port > 0 and cli.metrics_port
         pid = cli.proc.pid
         channel = grpc.insecure_channel(cli.target, options=CHANNEL_OPTIONS)
         stub = pb_grpc.AugmenterStub(channel)
@@ -647,7 +647,7 @@ def test_cli_serve_health_and_sigterm(tmp_path: Path) -> None:
         assert cli.proc.wait(timeout=15) == 0, cli.log()
         assert time.monotonic() - sent < 10, "it did not exit within its grace period"
         wait_until(lambda: not any(alive(p) for p in children), timeout=10, what="worker processes to exit")
-        assert segments_of(pid) == []
+        assert segments_of(pid) == set()
         assert "Traceback" not in cli.log() and "resource_tracker" not in cli.log(), cli.log()
     finally:
         cli.close()

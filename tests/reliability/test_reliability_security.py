@@ -406,7 +406,7 @@ def test_cli_refuses_plaintext_beyond_loopback_configured_by_environment(env: di
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     assert proc.returncode == 2, (out, err)
-    assert "augsvc serving on" not in out
+    assert '"event": "ready"' not in out
     assert "is not loopback" in err and "--insecure" in err, err
     assert time.monotonic() - started < 60
 

@@ -1,20 +1,21 @@
-"""`augsvc bench scaleout`: images/s one AugmentedStream receives from 1..N `augsvc serve`
+"""`python -m benchmarks.scaleout`: images/s one AugmentedStream receives from 1..N `augsvc serve`
 processes on loopback (one worker each), over the built-in digits with the example spec, batch
-256 — the "Scaling out" table. Lives in trainer_client because the client is the torch stream."""
+256 — the "Scaling out" table. Needs torch (the client is the torch stream)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from augsvc.bench.common import machine, write_json
+from trainer_client.client import AugmentClient
+from trainer_client.embedded import EmbeddedServer
+from trainer_client.stream import AugmentedStream
 
-from .client import AugmentClient
-from .embedded import EmbeddedServer
-from .stream import AugmentedStream
+from .common import machine, write_json
 
 SPEC = Path(__file__).resolve().parent.parent / "augsvc" / "examples" / "digits.yaml"
 
@@ -35,7 +36,7 @@ def rate(servers: int, *, seconds: float, batch: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="augsvc bench scaleout", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaleout", description=__doc__)
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--batch", type=int, default=256)
@@ -51,3 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['servers']:>8} {r['images_per_s']:>10.0f} {r['images_per_s'] / base:>8.2f}x")
     write_json(args.json, {"benchmark": "scaleout", "rows": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

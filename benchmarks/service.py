@@ -1,4 +1,4 @@
-"""`augsvc bench service`: images/s that one client receives from a 2-worker server (StreamBatches
+"""`python -m benchmarks.service`: images/s that one client receives from a 2-worker server (StreamBatches
 over a served dataset) against images/s of the engine itself in 2 local processes — same spec,
 same images, same batch size, same run. The ratio is the service's overhead: transport, the
 hand-off to workers, and the client's decoding. Two ways to receive: pixels in the gRPC stream
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing as mp
+import sys
 import tempfile
 import time
 from functools import partial
@@ -20,11 +21,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..shm import client_pixels, create_client_segment, release_segment
-from ..spec import load_spec
-from ..v1 import augment_pb2 as pb
-from ..wire import parse_reply
-from .common import BENCH_SPEC, Window, interleaved_rates, machine, sample_images, write_json
+from augsvc.samples import sample_images
+from augsvc.shm import client_pixels, create_client_segment, release_segment
+from augsvc.spec import load_spec
+from augsvc.v1 import augment_pb2 as pb
+from augsvc.wire import parse_reply
+
+from .common import BENCH_SPEC, Window, interleaved_rates, machine, write_json
 
 
 def _engine_loop(path: str, batch: int, conn: Any) -> None:
@@ -32,7 +35,7 @@ def _engine_loop(path: str, batch: int, conn: Any) -> None:
     long and answer (images, elapsed); None ends it."""
     import cv2
 
-    from ..engine import augment_batch
+    from augsvc.engine import augment_batch
 
     cv2.setNumThreads(0)
     images = np.load(path)["images"]
@@ -50,7 +53,7 @@ def _engine_loop(path: str, batch: int, conn: Any) -> None:
 
 class EngineProcesses:
     """`processes` local processes that run the engine flat out on request: the ceiling that the
-    service is compared with. `window(seconds)` is a `bench.common.Window`."""
+    service is compared with. `window(seconds)` is a `benchmarks.common.Window`."""
 
     def __init__(self, path: str, processes: int, batch: int) -> None:
         ctx = mp.get_context("spawn")
@@ -96,7 +99,7 @@ class EngineProcesses:
 class ServiceReader:
     """One client receiving StreamBatches, epoch after epoch, as numpy arrays (views of the received
     messages, or of this client's segments with `shared_memory`). `window(seconds)` is a
-    `bench.common.Window`; the channel and the segments live as long as the reader."""
+    `benchmarks.common.Window`; the channel and the segments live as long as the reader."""
 
     def __init__(self, target: str, batch: int, num_samples: int, *, shared_memory: bool = False,
                  batch_bytes: int = 0) -> None:
@@ -136,7 +139,7 @@ class ServiceReader:
 
 def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, int],
         rounds: int = 4) -> list[dict[str, Any]]:
-    from ..server import ServerSettings, create_server
+    from augsvc.server import ServerSettings, create_server
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +172,7 @@ def run(sides: list[int], *, workers: int, seconds: float, batches: dict[int, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="augsvc bench service", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per candidate and side")
@@ -188,3 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['service_shm']:>24.0f} {r['ratio_shm']:>6.2f}")
     write_json(args.json, {"benchmark": "service", "rows": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

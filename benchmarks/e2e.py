@@ -1,4 +1,4 @@
-"""`augsvc bench e2e`: images/s reaching a training loop, side by side in one run, same spec
+"""`python -m benchmarks.e2e`: images/s reaching a training loop, side by side in one run, same spec
 (flip + rotate + scale + color jitter), same core budget W, same batch size:
 
   (a) torch DataLoader(num_workers=W) + albumentations Compose  — what users run otherwise
@@ -9,8 +9,8 @@ The three are measured in alternating windows (`--rounds` each), the machine let
 each, so that a noisy neighbour slows all of them alike; a window of (a) or (b) first takes,
 untimed, the batches its prefetch made ready while the others ran. Also records the resident
 memory of the server process and of the client at every epoch of (b), so growth across epochs is
-visible, and the cores that (b)'s server, workers and client kept busy. Lives in trainer_client
-because (a) and (b) need torch.
+visible, and the cores that (b)'s server, workers and client kept busy. Needs torch, for (a)
+and (b).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Generator, Iterator
@@ -28,34 +29,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from augsvc.bench.common import (
-    Window,
-    albumentations_compose,
-    cpu_seconds,
-    descendants,
-    interleaved_rates,
-    machine,
-    sample_images,
-    write_json,
-)
-from augsvc.bench.service import EngineProcesses
+from augsvc.procfs import cpu_seconds, descendants, status_kb
+from augsvc.samples import sample_images
+from trainer_client.client import AugmentClient
+from trainer_client.embedded import EmbeddedServer
+from trainer_client.stream import AugmentedStream, default_prefetch
 
-from .client import AugmentClient
-from .embedded import EmbeddedServer
-from .stream import AugmentedStream, default_prefetch
+from .common import BENCH_SPEC, Window, albumentations_compose, interleaved_rates, machine, write_json
+from .service import EngineProcesses
 
 
 def memory_mb(pid: int | None = None) -> dict[str, float]:
     """Resident memory of a process (this one by default), from /proc: the total ("rss") and its
     anonymous and shared-memory parts (datasets and batch segments are shared memory)."""
-    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssShmem:": "shmem"}
-    out = {name: float("nan") for name in fields.values()}
-    with open(f"/proc/{pid or os.getpid()}/status") as f:
-        for line in f:
-            key = line.split(maxsplit=1)[0] if line.strip() else ""
-            if key in fields:
-                out[fields[key]] = int(line.split()[1]) / 1024
-    return out
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssShmem": "shmem"}
+    return {name: status_kb(pid or os.getpid(), key) / 1024 for key, name in fields.items()}
 
 
 class _AlbumentationsDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -106,7 +94,7 @@ def _batch_window(batches: Iterator[Any], step: Any, *, skip: int) -> Window:
 def _train_step_factory(enabled: bool) -> Any:
     if not enabled:
         return lambda images: None
-    from .model import RegularizedCNN
+    from trainer_client.model import RegularizedCNN
 
     model = RegularizedCNN(3, 10, width=16, depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -129,8 +117,6 @@ def default_count(side: int, batch: int) -> int:
 
 def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step: bool,
              count: int | None = None, rounds: int = 3, prefetch: int | None = None) -> dict[str, Any]:
-    from augsvc.bench.common import BENCH_SPEC
-
     count = count or default_count(side, batch)
     images = sample_images(count, side)
     # prefetch: batches ready ahead of the loop, for (a) (workers x prefetch_factor) and (b); by default
@@ -198,7 +184,7 @@ def run_side(side: int, *, workers: int, batch: int, seconds: float, train_step:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="augsvc bench e2e", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--workers", type=int, default=2)
@@ -229,3 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['side']}x{r['side']}: cores busy during (b): {cores}")
     write_json(args.json, {"benchmark": "e2e", "rows": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: the standard pipeline, test images, and side-by-side timing in
-alternating windows."""
+"""Shared pieces of the benchmarks: the standard pipeline, its albumentations twin, and
+side-by-side timing in alternating windows. Sample images come from `augsvc.samples`, /proc
+readings from `augsvc.procfs`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import platform
 import time
 from collections.abc import Callable
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from augsvc.sizing import run_for
 
 #: flip + rotate + scale + color jitter, the pipeline every benchmark compares.
 BENCH_SPEC: dict[str, Any] = {
@@ -28,9 +30,9 @@ BENCH_SPEC: dict[str, Any] = {
 def albumentations_compose() -> Any:
     """The same pipeline built the usual way with albumentations 2.0.8 (`BENCH_SPEC`'s border
     reflect_101 made explicit, since Affine's own default is a constant border)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import albumentations as A
     import cv2
+
+    from augsvc._albumentations import albumentations as A
 
     return A.Compose([
         A.HorizontalFlip(p=0.5),
@@ -38,24 +40,6 @@ def albumentations_compose() -> Any:
         A.Affine(rotate=(-15, 15), scale=(0.9, 1.1), border_mode=cv2.BORDER_REFLECT_101, p=1.0),
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.8),
     ])
-
-
-def sample_images(count: int, side: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    """`count` distinct natural-image crops (scikit-learn's sample photos) resized to side x side."""
-    import cv2
-    from sklearn.datasets import load_sample_image
-
-    photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg")]
-    rng = np.random.default_rng(seed)
-    out = np.empty((count, side, side, channels), np.uint8)
-    for i in range(count):
-        photo = photos[i % 2]
-        crop = int(rng.integers(160, 400))
-        y = int(rng.integers(0, photo.shape[0] - crop))
-        x = int(rng.integers(0, photo.shape[1] - crop))
-        img = cv2.resize(photo[y:y + crop, x:x + crop], (side, side), interpolation=cv2.INTER_AREA)
-        out[i] = img if channels == 3 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
-    return out
 
 
 #: One measurement window of a candidate: given a length in seconds, run it and return the items it
@@ -84,19 +68,10 @@ def interleaved_rates(windows: dict[str, Window], *, seconds: float, rounds: int
 def compare_rates(fns: dict[str, Callable[[], int]], *, seconds: float, rounds: int = 5) -> dict[str, float]:
     """Items/s of functions that each do one unit of work and return its item count, measured in
     alternating windows (`interleaved_rates`)."""
-
-    def window(fn: Callable[[], int]) -> Window:
-        def run(length: float) -> tuple[float, float]:
-            done, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < length:
-                done += fn()
-            return done, elapsed
-
-        return run
-
     for fn in fns.values():
         fn()  # warm-up
-    return interleaved_rates({name: window(fn) for name, fn in fns.items()}, seconds=seconds, rounds=rounds)
+    windows: dict[str, Window] = {name: partial(run_for, fn) for name, fn in fns.items()}
+    return interleaved_rates(windows, seconds=seconds, rounds=rounds)
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -126,51 +101,6 @@ def wait_quiet(*, busy_below: float = 0.1, interval: float = 0.1, timeout: float
         before = after
     if before is None:
         time.sleep(1.0)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (None when the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
-
-
-def parent_of(pid: int) -> int | None:
-    """The parent of a live (non-zombie) process; None when it is gone or a zombie."""
-    fields = _proc_stat(pid)
-    return int(fields[1]) if fields and fields[0] != "Z" else None
-
-
-def descendants(pid: int) -> set[int]:
-    """Live (non-zombie) processes below `pid`, from a /proc scan."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            parent = parent_of(int(entry))
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def cpu_seconds(pids: Any) -> float:
-    """User + system CPU time the processes `pids` have used so far (those gone count 0)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        fields = _proc_stat(pid)
-        if fields:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 def machine() -> str:

@@ -1,33 +1,20 @@
-"""`augsvc bench engine`: images/s per core of the fused backend, the albumentations reference
+"""`python -m benchmarks.engine`: images/s per core of the fused backend, the albumentations reference
 backend, and a plain albumentations Compose built the usual way — same pipeline, same images,
 same run, one process (one core)."""
 
 from __future__ import annotations
 
 import argparse
-from functools import partial
+import sys
 from typing import Any
 
 import cv2
-import numpy as np
 
-from ..engine import augment_batch
-from ..spec import load_spec
-from .common import BENCH_SPEC, albumentations_compose, compare_rates, machine, sample_images, write_json
+from augsvc.samples import sample_images
+from augsvc.sizing import BatchWork
+from augsvc.spec import load_spec
 
-
-def _engine_runner(images: Any, spec: Any, ids: list[int]) -> Any:
-    epoch = [0]
-    # As in a worker, the output goes to one reused buffer (the worker's shared-memory slot);
-    # Compose, image by image, gets its small outputs recycled by malloc the same way.
-    out = np.empty_like(images)
-
-    def engine(backend: str) -> int:
-        epoch[0] += 1  # a new epoch each call: no caching can help
-        augment_batch(images, spec, seed=0, epoch=epoch[0], sample_ids=ids, backend=backend, out=out)
-        return len(ids)
-
-    return engine
+from .common import BENCH_SPEC, albumentations_compose, compare_rates, machine, write_json
 
 
 def run(sides: list[int], *, batch: int, seconds: float) -> list[dict[str, Any]]:
@@ -37,16 +24,16 @@ def run(sides: list[int], *, batch: int, seconds: float) -> list[dict[str, Any]]
     rows = []
     for side in sides:
         images = sample_images(batch, side)
-        ids = list(range(batch))
-        engine = _engine_runner(images, spec, ids)
 
         def plain(images: Any = images) -> int:
             for img in images:
                 compose(image=img)
             return len(images)
 
-        rates = compare_rates({"fused": partial(engine, "fused"), "reference": partial(engine, "albumentations"),
-                               "compose": plain}, seconds=seconds)
+        # As in a worker, the engine's output goes to one reused buffer (the worker's shared-memory
+        # slot); Compose, image by image, gets its small outputs recycled by malloc the same way.
+        fused_work, reference_work = BatchWork(images, spec), BatchWork(images, spec, backend="albumentations")
+        rates = compare_rates({"fused": fused_work, "reference": reference_work, "compose": plain}, seconds=seconds)
         fused, reference, baseline = rates["fused"], rates["reference"], rates["compose"]
         rows.append({"side": side, "fused": fused, "albumentations_backend": reference,
                      "albumentations_compose": baseline, "fused_vs_compose": fused / baseline,
@@ -55,7 +42,7 @@ def run(sides: list[int], *, batch: int, seconds: float) -> list[dict[str, Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="augsvc bench engine", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=6.0, help="time per candidate and side")
@@ -69,3 +56,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['albumentations_compose']:>13.0f} {r['fused_vs_compose']:>13.2f}x")
     write_json(args.json, {"benchmark": "engine", "batch": args.batch, "rows": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`augsvc bench scaling`: how cost grows — images/s and megapixels/s one client receives from a
+"""`python -m benchmarks.scaling`: how cost grows — images/s and megapixels/s one client receives from a
 local server, for image sides 32..224 and 1..W workers (StreamBatches, the standard pipeline), with
 pixels through shared memory (a client on the server's host) and in the gRPC stream (any client).
 Prints a table, writes JSON and, with --plot, a PNG."""
@@ -6,6 +6,7 @@ Prints a table, writes JSON and, with --plot, a PNG."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .common import machine, write_json
@@ -39,7 +40,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="augsvc bench scaling", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128, 224])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -61,3 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(rows, args.plot)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

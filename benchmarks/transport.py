@@ -1,4 +1,4 @@
-"""`augsvc bench transport`: bytes/s of the gRPC path (a server streaming Batch messages of the
+"""`python -m benchmarks.transport`: bytes/s of the gRPC path (a server streaming Batch messages of the
 sizes we send, received and decoded by a client) against a raw loopback TCP socket moving the
 same bytes, in the same run: plain grpcio messages (default and tuned options, TCP and unix
 socket) and augsvc's own wire path (replies serialized once, parsed without copies)."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +17,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..tensors import decode_tensor, encode_tensor
-from ..v1 import augment_pb2 as pb
-from ..v1 import augment_pb2_grpc as pb_grpc
-from ..wire import batch_bytes, parse_reply, serialize
+from augsvc.tensors import decode_tensor, encode_tensor
+from augsvc.v1 import augment_pb2 as pb
+from augsvc.v1 import augment_pb2_grpc as pb_grpc
+from augsvc.wire import batch_bytes, parse_reply, serialize
+
 from .common import machine, write_json
 
 #: Channel/server options the service uses for large messages (see README, "Transport").
@@ -126,7 +128,7 @@ def socket_rate(size: int, seconds: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    parser = argparse.ArgumentParser(prog="augsvc bench transport", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transport", description=__doc__)
     parser.add_argument("--sizes-kb", type=int, nargs="+", default=[64, 1024, 9408])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--json")
@@ -152,3 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['wire_vs_socket']:>12.2f}")
     write_json(args.json, {"benchmark": "transport", "rows": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

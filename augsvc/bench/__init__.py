@@ -1,1 +1,0 @@
-"""Benchmarks behind `augsvc bench ...`: ratios measured side by side in one run, never timed tests."""
