@@ -239,8 +239,11 @@ class Spec:
         self._identity = hashlib.sha256(unscaled.SerializeToString(deterministic=True)).hexdigest()[:16]
         self._output_size: tuple[int, int] | None = None
         for _name, params in self._steps:
-            if params.DESCRIPTOR.GetOptions().Extensions[pb.output_size] == pb.SETS_SIZE:
+            effect = params.DESCRIPTOR.GetOptions().Extensions[pb.output_size]
+            if effect == pb.SETS_SIZE:
                 self._output_size = (int(params.height), int(params.width))
+            elif effect == pb.CHANGES_SIZE:
+                self._output_size = None
 
     @classmethod
     def from_proto(cls, message: pb.Pipeline) -> Spec:
@@ -307,7 +310,7 @@ class Spec:
     @property
     def output_size(self) -> tuple[int, int] | None:
         """(height, width) set by the last step that sets the size (`output_size = SETS_SIZE` on
-        its proto message), or None if the input size is kept."""
+        its proto message), or None if the input size is kept or depends on the input."""
         return self._output_size
 
     def to_proto(self) -> pb.Pipeline:

@@ -298,6 +298,7 @@ ROWS = [
     ("gaussian_blur", {"sigma_range": [1, 2], "p": 1.0}, {"sigma_range": [1, 2], "p": 0.0}, None, True),
     ("center_crop", {"height": 16, "width": 20}, {"height": ROW_H, "width": ROW_W}, (16, 20), False),
     ("translate", {"x_range": [-0.2, 0.2], "y_range": [-0.1, 0.3]}, {"x_range": [-0.2, 0.2], "p": 0.0}, None, True),
+    ("resize_shorter", {"side": 20}, {"side": ROW_H}, (20, 30), False),
 ]
 ROW_IDS = [row[0] for row in ROWS]
 

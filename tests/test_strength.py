@@ -118,6 +118,7 @@ RULES = [
     ({"vflip": {"p": 0.5}}, _unchanged, False),
     ({"resize": {"height": 20, "width": 30}}, _unchanged, False),
     ({"center_crop": {"height": 20, "width": 30}}, _unchanged, False),
+    ({"resize_shorter": {"side": 20}}, _unchanged, False),
 ]
 
 

@@ -102,6 +102,9 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
                                     f"{out.dtype} {out.shape}")
     draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths,
                        strength=None if strength is None else sample_strength(strength, len(work)))
+    for draw in draws:  # sizes that depend on the input (a shorter-side resize) are known only now
+        Limits(max_image_side=max_side).check_side("spec", int(draw.out_size[0].max()), int(draw.out_size[1].max()),
+                                                   what="output side")
     result = BACKENDS[backend](work, draws, spec, out)
     if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")

@@ -12,8 +12,10 @@ class OutputSize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KEEPS_SIZE: _ClassVar[OutputSize]
     SETS_SIZE: _ClassVar[OutputSize]
+    CHANGES_SIZE: _ClassVar[OutputSize]
 KEEPS_SIZE: OutputSize
 SETS_SIZE: OutputSize
+CHANGES_SIZE: OutputSize
 BOUNDS_FIELD_NUMBER: _ClassVar[int]
 bounds: _descriptor.FieldDescriptor
 OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,12 @@ class Resize(_message.Message):
     width: int
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
+class ResizeShorter(_message.Message):
+    __slots__ = ("side",)
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    side: int
+    def __init__(self, side: _Optional[int] = ...) -> None: ...
+
 class RandomResizedCrop(_message.Message):
     __slots__ = ("height", "width", "scale_range", "ratio_range")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -144,7 +152,7 @@ class GaussianBlur(_message.Message):
     def __init__(self, sigma_range: _Optional[_Iterable[float]] = ..., p: _Optional[float] = ...) -> None: ...
 
 class Transform(_message.Message):
-    __slots__ = ("hflip", "vflip", "rotate", "scale", "color", "resize", "random_resized_crop", "coarse_dropout", "gaussian_blur", "center_crop", "translate")
+    __slots__ = ("hflip", "vflip", "rotate", "scale", "color", "resize", "random_resized_crop", "coarse_dropout", "gaussian_blur", "center_crop", "translate", "resize_shorter")
     HFLIP_FIELD_NUMBER: _ClassVar[int]
     VFLIP_FIELD_NUMBER: _ClassVar[int]
     ROTATE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +164,7 @@ class Transform(_message.Message):
     GAUSSIAN_BLUR_FIELD_NUMBER: _ClassVar[int]
     CENTER_CROP_FIELD_NUMBER: _ClassVar[int]
     TRANSLATE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_SHORTER_FIELD_NUMBER: _ClassVar[int]
     hflip: HFlip
     vflip: VFlip
     rotate: Rotate
@@ -167,7 +176,8 @@ class Transform(_message.Message):
     gaussian_blur: GaussianBlur
     center_crop: CenterCrop
     translate: Translate
-    def __init__(self, hflip: _Optional[_Union[HFlip, _Mapping]] = ..., vflip: _Optional[_Union[VFlip, _Mapping]] = ..., rotate: _Optional[_Union[Rotate, _Mapping]] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., color: _Optional[_Union[Color, _Mapping]] = ..., resize: _Optional[_Union[Resize, _Mapping]] = ..., random_resized_crop: _Optional[_Union[RandomResizedCrop, _Mapping]] = ..., coarse_dropout: _Optional[_Union[CoarseDropout, _Mapping]] = ..., gaussian_blur: _Optional[_Union[GaussianBlur, _Mapping]] = ..., center_crop: _Optional[_Union[CenterCrop, _Mapping]] = ..., translate: _Optional[_Union[Translate, _Mapping]] = ...) -> None: ...
+    resize_shorter: ResizeShorter
+    def __init__(self, hflip: _Optional[_Union[HFlip, _Mapping]] = ..., vflip: _Optional[_Union[VFlip, _Mapping]] = ..., rotate: _Optional[_Union[Rotate, _Mapping]] = ..., scale: _Optional[_Union[Scale, _Mapping]] = ..., color: _Optional[_Union[Color, _Mapping]] = ..., resize: _Optional[_Union[Resize, _Mapping]] = ..., random_resized_crop: _Optional[_Union[RandomResizedCrop, _Mapping]] = ..., coarse_dropout: _Optional[_Union[CoarseDropout, _Mapping]] = ..., gaussian_blur: _Optional[_Union[GaussianBlur, _Mapping]] = ..., center_crop: _Optional[_Union[CenterCrop, _Mapping]] = ..., translate: _Optional[_Union[Translate, _Mapping]] = ..., resize_shorter: _Optional[_Union[ResizeShorter, _Mapping]] = ...) -> None: ...
 
 class Pipeline(_message.Message):
     __slots__ = ("transforms", "border", "fill", "strength")

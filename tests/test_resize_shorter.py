@@ -1,0 +1,49 @@
+"""resize_shorter: the shorter side to `side`, aspect kept — albumentations' SmallestMaxSize on the
+reference backend, and with center_crop the standard eval pipeline in one warp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from augsvc import augment_batch, load_spec
+from augsvc._albumentations import albumentations as A
+
+SIZES = [(300, 451), (500, 333), (257, 256), (64, 64), (31, 97)]
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.ascontiguousarray(small.repeat(8, 0).repeat(8, 1)[:h, :w])
+
+
+@pytest.mark.parametrize(("h", "w"), SIZES)
+def test_reference_is_albumentations_smallest_max_size(h: int, w: int) -> None:
+    x = photo(h, w)
+    want = A.SmallestMaxSize(max_size=224, p=1.0)(image=x)["image"]
+    got = augment_batch(x[None], [{"resize_shorter": {"side": 224}}], seed=0, epoch=0, sample_ids=[0],
+                        backend="albumentations")[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("h", "w"), SIZES)
+def test_fused_matches_the_reference_inside_the_image(h: int, w: int) -> None:
+    x = photo(h, w)
+    kw = {"seed": 0, "epoch": 0, "sample_ids": [0]}
+    fused = augment_batch(x[None], [{"resize_shorter": {"side": 48}}], backend="fused", **kw)[0].astype(int)
+    ref = augment_batch(x[None], [{"resize_shorter": {"side": 48}}], backend="albumentations", **kw)[0].astype(int)
+    assert fused.shape == ref.shape and min(fused.shape[:2]) == 48
+    assert np.abs(fused - ref)[2:-2, 2:-2].max() <= 1  # edges: the warp's border vs cv2.resize's clamp
+
+
+def test_eval_pipeline_gives_one_shape_from_mixed_sizes() -> None:
+    spec = load_spec([{"resize_shorter": {"side": 64}}, {"center_crop": {"height": 56, "width": 56}}])
+    assert spec.output_size == (56, 56)
+    assert load_spec([{"resize": {"height": 8, "width": 8}}, {"resize_shorter": {"side": 4}}]).output_size is None
+    batch = [photo(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    ids = np.arange(len(batch))
+    fused = augment_batch(batch, spec, seed=0, epoch=0, sample_ids=ids).astype(int)
+    ref = augment_batch(batch, spec, seed=0, epoch=0, sample_ids=ids, backend="albumentations").astype(int)
+    assert fused.shape == ref.shape == (len(SIZES), 56, 56, 3)
+    assert np.abs(fused - ref).max() <= 1
