@@ -64,14 +64,17 @@ class DeviceFeed:
     in pinned memory (default: on CUDA). `state_dict()` is the source's state as of the last
     batch handed over (not the one held ahead), and a new pass after an interrupted one rewinds
     the source to it (`load_state_dict`), so nothing the consumer never received is skipped.
+    state_of: the object whose state_dict() / load_state_dict() stand for the source's position
+    (default: `batches` itself, when it has them) — say, the stream behind a generator.
     """
 
     def __init__(self, batches: Iterable[Sequence[torch.Tensor]], device: str | torch.device, *,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, state_of: Any = None) -> None:
         if (mean is None) != (std is None):
             raise ValueError("mean/std: give both or neither")
         self.batches = batches
+        self.state_of: Any = batches if state_of is None else state_of
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.pin_memory = cuda if pin_memory is None else pin_memory
@@ -91,7 +94,7 @@ class DeviceFeed:
         return self._held.event if self._held is not None else None
 
     def _source_state(self) -> dict[str, Any] | None:
-        state_dict = getattr(self.batches, "state_dict", None)
+        state_dict = getattr(self.state_of, "state_dict", None)
         return state_dict() if callable(state_dict) else None
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -100,7 +103,7 @@ class DeviceFeed:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the source (its `load_state_dict`) at `state`; nothing is held ahead after it."""
-        self.batches.load_state_dict(state)  # type: ignore[attr-defined]
+        self.state_of.load_state_dict(state)
         self._handed, self._held = None, None
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,7 @@ class DeviceFeed:
         return (self._normalize(images), *rest)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        if self._held is not None and self._handed is not None and hasattr(self.batches, "load_state_dict"):
+        if self._held is not None and self._handed is not None and hasattr(self.state_of, "load_state_dict"):
             self.load_state_dict(self._handed)  # the last pass stopped with a batch held ahead: rewind
         self._held = None
         source = iter(self.batches)
