@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, uninstalled
 
 from trainer_client.device import DeviceFeed, _pinned  # noqa: E402
+from trainer_client.model import RegularizedCNN  # noqa: E402
 
 try:
     import pytest
@@ -105,6 +106,22 @@ def test_host_batches_are_staged_in_pinned_memory_with_their_strides() -> None:
     assert pinned.is_pinned() and pinned.stride() == images.stride() and torch.equal(pinned, images)
     feed = DeviceFeed(host_batches(1), "cuda")
     assert feed.pin_memory
+
+
+def test_the_model_trains_on_uint8_batches_normalised_on_the_gpu() -> None:
+    """What fit does on CUDA: uint8 batches handed over, the model normalises them on the GPU."""
+    model = RegularizedCNN(3, 10, width=8, depth=2, seed=0, stem=RegularizedCNN.stem_for(SIDE, SIDE)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    for images, labels, _ids in DeviceFeed(host_batches(3), "cuda"):
+        assert images.dtype == torch.uint8 and images.is_cuda
+        assert model.normalize(images).is_contiguous(memory_format=torch.channels_last)
+        loss = torch.nn.functional.cross_entropy(model(images), labels % 10)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def _main() -> int:
