@@ -122,3 +122,17 @@ def test_ddp_training_killed_mid_epoch_resumes_exactly(target: str, tmp_path: Pa
             for run in (whole, crashed)]
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l2_norm", "lr")
     assert [[r[k] for k in keys] for r in rows[1]] == [[r[k] for k in keys] for r in rows[0]]
+
+
+def test_nproc_starts_one_embedded_server_for_the_node(tmp_path: Path) -> None:
+    """`augsvc-train --nproc 2` without --server: torchrun, local rank 0 starts the node's server,
+    rank 1 finds it through the process group; both train, rank 0 alone reports."""
+    command = [str(Path(sys.executable).with_name("augsvc-train")), "--nproc", "2", "--workers", "1",
+               "--out", str(tmp_path / "out"), "--epochs", "1", "--train-size", "256", "--val-fraction", "0.1",
+               "--batch-size", "64", "--width", "8", "--depth", "2", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env(OMP_NUM_THREADS="1"), start_new_session=True)
+    out = finish(proc)
+    assert out.count("embedded augsvc on unix:") == 1 and "2 rank(s)" in out
+    assert out.count("epoch 1: train loss") == 1 and "best epoch 1" in out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"] == 2
