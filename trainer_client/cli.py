@@ -37,6 +37,7 @@ from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
 from .served_data import (
+    MAX_VAL_BATCH,
     ImageFormat,
     check_batch_fits,
     eval_spec,
@@ -145,7 +146,8 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
         train_ids, val_ids = random_split(n, int(round(n * args.val_fraction)), args.seed, args.train_size)
         val_spec = eval_spec(spec)
         check_batch_fits(client.server_info(), spec, info, args.batch_size)
-        val_stream = validation_stream(client, args.dataset, val_spec, val_ids)
+        val_stream = validation_stream(client, args.dataset, val_spec, val_ids,
+                                       wanted_batch=min(MAX_VAL_BATCH, 2 * args.batch_size))
         fmt = image_format(client, args.dataset, val_spec, info, int(val_ids[0]))
         say(f"dataset {args.dataset}: {n} images {describe_shape(info)}, {info.num_classes} classes; "
             f"train {len(train_ids)} / val {len(val_ids)} (val batches of {val_stream.batch_size}, "

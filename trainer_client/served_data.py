@@ -24,7 +24,8 @@ from .stream import AugmentedStream
 
 #: Steps that crop: a spec with one is validated with resize_shorter + center_crop.
 CROPPING_STEPS = frozenset({"random_resized_crop", "center_crop"})
-#: Validation batches hold at most this many images, however small.
+#: Validation batches hold at most this many images, however small (augsvc-train asks for twice
+#: the training batch, within this and the server's limit).
 MAX_VAL_BATCH = 256
 
 
