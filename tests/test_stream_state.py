@@ -188,3 +188,19 @@ def test_dataloader_with_workers_is_refused_with_what_to_do(client: AugmentClien
     spawned = DataLoader(stream(client), batch_size=None, num_workers=1, multiprocessing_context="spawn")
     with pytest.raises(TypeError, match=r"DataLoader worker process"):
         next(iter(spawned))
+
+
+def test_a_batch_outlives_its_closed_stream(client: AugmentClient) -> None:
+    """close() unlinks the segment under a batch still held, but keeps it mapped until the batch
+    is freed (unmapping it would crash the reader)."""
+    import gc
+
+    s = stream(client)
+    it = iter(s)
+    images, _labels, ids = next(it)
+    want = images.clone()
+    it.close()
+    s.close()
+    del s, it
+    gc.collect()
+    assert torch.equal(images, want) and int(images.sum()) == int(want.sum())

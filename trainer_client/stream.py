@@ -46,6 +46,7 @@ whole epoch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import queue
@@ -208,15 +209,21 @@ class _Segments:
         return array
 
     def close(self) -> None:
-        """Unlink every segment this pool made: free, offered or held by a batch (whose mapping
-        stays until its tensor is freed)."""
+        """Unlink every segment this pool made. Free ones are unmapped too; one offered to a call
+        or under a delivered batch keeps its mapping (numpy holds no buffer export that would stop
+        an unmap under a live tensor) until it comes back, when `discard` unmaps it."""
         with self._lock:
             self._closed = True
-            self._take_returned()
+            idle = self._free + self._take_returned()
             self._free = []
-            owned, self._owned = list(self._owned.values()), {}
-        for seg in owned:
+            idle_names = {seg.name for seg in idle}
+            busy = [seg for name, seg in self._owned.items() if name not in idle_names]
+            self._owned = {}
+        for seg in idle:
             release_segment(seg.shm, unlink=True)
+        for seg in busy:
+            with contextlib.suppress(FileNotFoundError):
+                seg.shm.unlink()  # the name (and the resource tracker's entry) only
 
 
 class AugmentedStream(IterableDataset[StreamItem]):
