@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.servers import descendants, subprocess_env, wait_until
+from helpers.servers import descendants, serve, subprocess_env, wait_until
 
-from augsvc.server import ServerSettings, create_server
+from augsvc.server import ServerSettings
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 RUN_TIMEOUT = 240.0
@@ -30,10 +30,8 @@ RUN_TIMEOUT = 240.0
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[str]:
-    server, port = create_server("127.0.0.1:0", ServerSettings(workers=2, datasets={"digits": "builtin:digits"}))
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+    with serve(ServerSettings(workers=2, datasets={"digits": "builtin:digits"})) as served:
+        yield served.target
 
 
 def torchrun(script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

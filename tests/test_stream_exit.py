@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.servers import serve
 
-from augsvc.server import ServerSettings, create_server
+from augsvc.server import ServerSettings
 
 SCRIPT = """
 import sys
@@ -28,10 +29,8 @@ print("received", i + 1, "batches through", stream.received, flush=True)
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[str]:
-    server, port = create_server("127.0.0.1:0", ServerSettings(workers=1, datasets={"digits": "builtin:digits"}))
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+    with serve(ServerSettings(workers=1, datasets={"digits": "builtin:digits"})) as served:
+        yield served.target
 
 
 @pytest.mark.parametrize("how", ["all", "part"])

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers.servers import serve
 from torch.utils.data import DataLoader
 
 from augsvc import load_spec
-from augsvc.server import ServerSettings, create_server
+from augsvc.server import ServerSettings
 from trainer_client import AugmentClient, AugmentedStream, World
 
 SPEC = load_spec({"transforms": [{"rotate": {"limit_range": [-12, 12]}}], "border": "constant"})
@@ -24,11 +25,9 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[AugmentClient]:
-    server, port = create_server("127.0.0.1:0", ServerSettings(workers=1, datasets={"digits": "builtin:digits"}))
-    server.start()
-    with AugmentClient(f"127.0.0.1:{port}") as c:
+    with serve(ServerSettings(workers=1, datasets={"digits": "builtin:digits"})) as served, \
+            AugmentClient(served.target) as c:
         yield c
-    server.stop(0)
 
 
 def stream(client: AugmentClient, **overrides: Any) -> AugmentedStream:

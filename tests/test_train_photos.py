@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.servers import serve
 from PIL import Image
 
 from augsvc import load_spec
-from augsvc.server import ServerSettings, create_server
+from augsvc.server import ServerSettings
 from trainer_client.cli import main
 from trainer_client.client import DatasetInfo, ServerInfo
 from trainer_client.served_data import batch_size_within, check_batch_fits, eval_spec
@@ -41,11 +42,8 @@ def make_photos(root: Path, per_class: int = 20) -> None:
 def photos_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("photos")
     make_photos(root)
-    settings = ServerSettings(workers=1, datasets={"photos": str(root)}, max_batch_bytes=MAX_BATCH_BYTES)
-    server, port = create_server("127.0.0.1:0", settings)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+    with serve(ServerSettings(workers=1, datasets={"photos": str(root)}, max_batch_bytes=MAX_BATCH_BYTES)) as served:
+        yield served.target
 
 
 def test_train_two_epochs_on_a_served_folder_of_mixed_size_photos(photos_server: str, tmp_path: Path,

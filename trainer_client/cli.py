@@ -85,10 +85,11 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 
 
 def device_for(name: str, world: World) -> str:
-    """--device for this rank: "auto" is cuda:LOCAL_RANK when CUDA is there, else cpu."""
+    """--device for this rank: "auto" is cuda:LOCAL_RANK when CUDA is there, else cpu; "cuda"
+    is cuda:LOCAL_RANK (one GPU per rank of a node)."""
     if name == "auto":
         return f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu"
-    return name
+    return f"cuda:{world.local_rank}" if name == "cuda" else name
 
 
 @contextlib.contextmanager
@@ -114,7 +115,8 @@ def connect(args: argparse.Namespace, world: World | None = None) -> Iterator[Au
         if world.distributed:
             targets = dict(t for t in gather_objects((world.node, target), world) if t[1] is not None)
             target = targets[world.node]
-        assert target is not None  # a single process is its own local rank 0
+        if target is None:
+            raise RuntimeError(f"rank {world.rank}: no embedded server for node {world.node}, and no --server")
         with AugmentClient(target) as client:
             yield client
         if world.distributed:
