@@ -13,7 +13,7 @@ bytes for batch k of epoch e. A status that is not retryable, or a batch asked f
 augsvc error for that status.
 
 Shared memory: with a server on this host (a unix socket or loopback target), each StreamBatches
-call offers one shared-memory segment per batch (`_Segments`); the workers write the augmented
+call offers one shared-memory segment per batch (`SegmentPool`); the workers write the augmented
 pixels straight into them and the gRPC stream carries only labels, ids and shapes. The delivered
 tensor is a view of its segment, which goes back to the pool when the tensor is freed. Any batch a
 server cannot put there (another host, no access) arrives inline, so the result is the same.
@@ -46,19 +46,15 @@ whole epoch.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import queue
 import threading
 import time
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import grpc
@@ -69,12 +65,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from augsvc.errors import AugsvcError, LimitExceededError, StreamError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
-from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, create_client_segment, release_segment
+from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, release_segment
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 
 from .client import RETRYABLE, AugmentClient, DatasetInfo, status_error
+from .segments import ClientSegment, SegmentPool
 from .world import World
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -115,115 +112,6 @@ def _to_torch(images: np.ndarray, labels: Any, ids: Any, *, channels_last: bool,
     else:
         tensor = torch.from_numpy(images.transpose(0, 3, 1, 2).copy(order="C"))
     return (tensor, torch.as_tensor(np.asarray(labels, np.int64)), torch.as_tensor(np.asarray(ids, np.int64)))
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """One of this client's segments and the token in its header (`augsvc.shm`)."""
-
-    shm: SharedMemory
-    token: bytes
-
-    @property
-    def name(self) -> str:
-        return self.shm.name
-
-    def offer(self) -> pb.ShmSegment:
-        return pb.ShmSegment(name=self.shm.name, token=self.token)
-
-
-class _Segments:
-    """Shared-memory segments for `nbytes` of pixels that this client offers a server on its
-    host, one per batch of a call. A segment is free, offered to a call, or owned by a delivered
-    batch (until its tensor is freed). A segment offered to a call that failed may still be
-    written by a worker that was mid-batch, so it is never reused: `discard` unlinks it.
-
-    Segments come back from garbage collection (a freed batch): that path only puts them on a
-    SimpleQueue (safe in GC callbacks, unlike the lock), and `acquire` takes them from there.
-
-    Every segment made here and not yet discarded is kept in `_owned`, whatever its state, so
-    that `close()` (also run at interpreter exit) unlinks all of them: a batch still referenced
-    when the script ends keeps its mapping, but its name is gone and the resource tracker has
-    nothing left to warn about."""
-
-    def __init__(self, nbytes: int, keep: int) -> None:
-        self.nbytes, self.keep = nbytes, keep
-        self._free: list[_Segment] = []
-        self._owned: dict[str, _Segment] = {}
-        self._returned: queue.SimpleQueue[_Segment] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _take_returned(self) -> list[_Segment]:
-        """Move returned segments to the free list (under the lock); the surplus to discard."""
-        surplus: list[_Segment] = []
-        while True:
-            try:
-                seg = self._returned.get_nowait()
-            except queue.Empty:
-                return surplus
-            (self._free if not self._closed and len(self._free) < self.keep else surplus).append(seg)
-
-    def acquire(self, count: int) -> list[_Segment]:
-        """`count` segments; LimitExceededError (with none taken) when /dev/shm is full,
-        StreamError once closed."""
-        with self._lock:
-            surplus = self._take_returned()
-            taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
-        for seg in surplus:
-            self.discard(seg)
-        try:
-            while len(taken) < count:
-                seg = _Segment(*create_client_segment(self.nbytes))
-                with self._lock:
-                    closed = self._closed
-                    if not closed:
-                        self._owned[seg.name] = seg
-                if closed:
-                    self.discard(seg)
-                    raise StreamError("the stream's shared memory was closed")
-                taken.append(seg)
-        except Exception:
-            for seg in taken:
-                self.release(seg)
-            raise
-        return taken
-
-    def release(self, seg: _Segment) -> None:
-        """Give a segment back (any thread, or a GC callback)."""
-        if self._closed:
-            self.discard(seg)
-        else:
-            self._returned.put(seg)
-
-    def discard(self, seg: _Segment) -> None:
-        """Unlink a segment and unmap it (unless a live array still views it)."""
-        self._owned.pop(seg.name, None)
-        release_segment(seg.shm, unlink=True)
-
-    def view(self, seg: _Segment, shape: tuple[int, ...]) -> np.ndarray:
-        """A writable array of the pixels in `seg` that gives the segment back when it is freed."""
-        array = client_pixels(seg.shm, shape)
-        done = weakref.finalize(array, self.release, seg)
-        done.atexit = False  # at exit close() unlinks it; never unmap under a live array
-        return array
-
-    def close(self) -> None:
-        """Unlink every segment this pool made. Free ones are unmapped too; one offered to a call
-        or under a delivered batch keeps its mapping (numpy holds no buffer export that would stop
-        an unmap under a live tensor) until it comes back, when `discard` unmaps it."""
-        with self._lock:
-            self._closed = True
-            idle = self._free + self._take_returned()
-            self._free = []
-            idle_names = {seg.name for seg in idle}
-            busy = [seg for name, seg in self._owned.items() if name not in idle_names]
-            self._owned = {}
-        for seg in idle:
-            release_segment(seg.shm, unlink=True)
-        for seg in busy:
-            with contextlib.suppress(FileNotFoundError):
-                seg.shm.unlink()  # the name (and the resource tracker's entry) only
 
 
 class AugmentedStream(IterableDataset[StreamItem]):
@@ -291,7 +179,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         if shared_memory is None:
             shared_memory = all(is_local_address(t) for t in client.targets)
         self.shared_memory = shared_memory and dataset is not None
-        self._segments: _Segments | None = None
+        self._segments: SegmentPool | None = None
         self._segments_lock = threading.Lock()
         self._inline_endpoints: set[int] = set()  # endpoints that wrote no segment of a finished call
         #: How the batches of this stream arrived so far: {"shared_memory": n, "inline": m}.
@@ -443,7 +331,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         raise TypeError(WORKERS_REFUSED)
 
     # -- shared memory -------------------------------------------------------------------------------
-    def _segment_pool(self) -> _Segments | None:
+    def _segment_pool(self) -> SegmentPool | None:
         """The segment pool, sized for one batch of this dataset and spec (None: sizes unknown).
         Made once, before the fetch threads start (`__iter__`)."""
         if not self.shared_memory or self.dataset is None:
@@ -457,7 +345,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
                 nbytes = self.batch_size * math.prod(shape)
                 # Enough to keep every call's segments, the prefetched batches and a few held by the
                 # consumer without creating new ones each epoch.
-                self._segments = _Segments(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
+                self._segments = SegmentPool(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
                 weakref.finalize(self, self._segments.close)
             return self._segments
 
@@ -469,7 +357,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         if segments is not None:
             segments.close()
 
-    def _from_segment(self, segments: _Segments, seg: _Segment, msg: pb.Batch) -> Batch:
+    def _from_segment(self, segments: SegmentPool, seg: ClientSegment, msg: pb.Batch) -> Batch:
         shape = tuple(int(d) for d in msg.images.shape)
         if len(shape) != 4 or msg.images.dtype != "uint8" or \
                 CLIENT_HEADER_BYTES + math.prod(shape) > seg.shm.size:
@@ -494,7 +382,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         data: bytes = head.SerializeToString()
         return data
 
-    def _stream_request(self, chunk: list[int], segments: list[_Segment]) -> bytes:
+    def _stream_request(self, chunk: list[int], segments: list[ClientSegment]) -> bytes:
         """StreamBatchesRequest bytes for `chunk`: the pass's head and this call's fields; protobuf
         reads the two concatenated parts as one message (they share no field)."""
         tail = pb.StreamBatchesRequest(start=chunk[0], end=chunk[-1] + 1, stride=self.world_size,
@@ -569,7 +457,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         position_of = dict(zip(source, chunk, strict=True))
         if self._arrays is None:
             segments = self._segment_pool() if endpoint not in self._inline_endpoints else None
-            offered: dict[str, _Segment] = {}
+            offered: dict[str, ClientSegment] = {}
             if segments is not None:
                 try:
                     offered = {seg.name: seg for seg in segments.acquire(len(chunk))}
