@@ -413,7 +413,10 @@ def test_a_slow_client_does_not_make_the_server_buffer(fleet: Fleet) -> None:
     )
     sent = lambda: metric(port, "augsvc_batches_total", {"method": "StreamBatches"})  # noqa: E731
     before = sent()
-    with channel(server.target) as ch:
+    # Without BDP probing the client's HTTP/2 window stays at its fixed size: the count then measures
+    # the server's buffering. With it, a loaded machine (slow ping acks) lets this client's own
+    # transport take in tens of 1 MiB batches it never reads (seen: 68), client memory, not server's.
+    with channel(server.target, options=[("grpc.http2.bdp_probe", 0)]) as ch:
         call = pb_grpc.AugmenterStub(ch).StreamBatches(request, timeout=TIMEOUT + 120)
         try:
             first = next(call)
