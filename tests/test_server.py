@@ -710,7 +710,7 @@ def test_plan_cache_makes_a_missing_plan_once_for_concurrent_callers() -> None:
     def make() -> Any:
         made.append(1)
         started.set()
-        release.wait(10)
+        release.wait(TIMEOUT)
         return np.arange(5)
 
     results: list[Any] = []
@@ -718,10 +718,10 @@ def test_plan_cache_makes_a_missing_plan_once_for_concurrent_callers() -> None:
                for _ in range(4)]
     for t in threads:
         t.start()
-    assert started.wait(10)
+    assert started.wait(TIMEOUT)
     release.set()
     for t in threads:
-        t.join(10)
+        t.join(TIMEOUT)
     assert made == [1] and len(results) == 4 and all(r is results[0] for r in results)
 
     def broken() -> Any:
