@@ -66,6 +66,9 @@ class Arm:
 
 
 FIXED = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The controller's settings, fixed before the study on the validation sets of calibration seeds
+#: 100 and 101 (README: "Augmentation that follows the overfitting signal").
+STUDY_CONTROLLER = ControllerSettings(gap="ratio", target=0.9, step=0.05, start=0.0)
 ARMS: tuple[Arm, ...] = (*(Arm(f"fixed {s:.2f}", "fixed", s) for s in FIXED), Arm("ramp", "ramp"),
                          Arm("adaptive", "adaptive"), Arm("adaptive per class", "adaptive", per_class=True))
 
@@ -84,7 +87,7 @@ class StudyConfig:
     interval: int = 50
     clean_per_class: int = 20
     arms: tuple[Arm, ...] = ARMS
-    controller: ControllerSettings = field(default_factory=lambda: ControllerSettings(target=0.1, step=0.05))
+    controller: ControllerSettings = field(default_factory=lambda: STUDY_CONTROLLER)
     lr: float = 3e-3
     weight_decay: float = 5e-4
     width: int = 32
@@ -380,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 100], help="training images per class")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (every arm, every size)")
     p.add_argument("--arms", nargs="+", help="run only these arms (names as in the report)")
-    p.add_argument("--target", type=float, default=0.1, help="controller: the clean gap to keep")
-    p.add_argument("--step", type=float, default=0.05, help="controller: strength change per update")
-    p.add_argument("--start", type=float, default=0.0, help="controller: strength before the first update")
-    p.add_argument("--gap", choices=["loss", "acc"], default="loss", help="controller: which clean gap")
+    p.add_argument("--target", type=float, default=STUDY_CONTROLLER.target, help="controller: the clean gap to keep")
+    p.add_argument("--step", type=float, default=STUDY_CONTROLLER.step, help="controller: strength change per update")
+    p.add_argument("--start", type=float, default=STUDY_CONTROLLER.start,
+                   help="controller: strength before the first update")
+    p.add_argument("--gap", choices=["loss", "ratio", "acc"], default=STUDY_CONTROLLER.gap,
+                   help="controller: which clean gap")
     p.add_argument("--interval", type=int, default=50, help="controller: least steps between updates")
     p.add_argument("--quick", action="store_true", help="a tiny version (one seed, one size, 16 steps)")
     p.add_argument("--report-only", action="store_true", help="summarize what has finished, run nothing")
