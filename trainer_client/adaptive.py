@@ -29,14 +29,16 @@ from torch import nn
 __all__ = ["ClassGaps", "ControllerSettings", "StrengthController", "StrengthSchedule", "clean_gaps",
            "parse_strength", "stratified_subset"]
 
-GAP_METRICS = ("loss", "acc")
+GAP_METRICS = ("loss", "ratio", "acc")
 
 
 @dataclass(frozen=True)
 class ControllerSettings:
-    """The controller's knobs. gap: which gap it watches ("loss": val loss - train loss, "acc":
-    train accuracy - val accuracy, both on clean images in eval mode); target: the gap it keeps;
-    step: how far s moves per update; start: s before the first update."""
+    """The controller's knobs. gap: which gap it watches, on clean images in eval mode ("loss":
+    val loss - train loss; "ratio": the share of the validation loss that the training loss does
+    not have, 1 - train loss / val loss, bounded above by 1 whatever the data size; "acc": train
+    accuracy - val accuracy); target: the gap it keeps; step: how far s moves per update; start:
+    s before the first update."""
 
     target: float = 0.1
     step: float = 0.05
@@ -182,6 +184,9 @@ def clean_gaps(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: 
         if gap == "loss":
             per_class = v.loss / v.count - t.loss / t.count
             overall = v.loss.sum() / v.count.sum() - t.loss.sum() / t.count.sum()
+        elif gap == "ratio":
+            per_class = 1.0 - (t.loss / t.count) / (v.loss / v.count)
+            overall = 1.0 - (t.loss.sum() / t.count.sum()) / (v.loss.sum() / v.count.sum())
         else:
             per_class = t.correct / t.count - v.correct / v.count
             overall = t.correct.sum() / t.count.sum() - v.correct.sum() / v.count.sum()

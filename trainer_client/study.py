@@ -66,6 +66,9 @@ class Arm:
 
 
 FIXED = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The controller's settings, fixed before the study on the validation sets of calibration seeds
+#: 100 and 101 (README: "Augmentation that follows the overfitting signal").
+STUDY_CONTROLLER = ControllerSettings(gap="ratio", target=0.9, step=0.05, start=0.0)
 ARMS: tuple[Arm, ...] = (*(Arm(f"fixed {s:.2f}", "fixed", s) for s in FIXED), Arm("ramp", "ramp"),
                          Arm("adaptive", "adaptive"), Arm("adaptive per class", "adaptive", per_class=True))
 
@@ -84,7 +87,7 @@ class StudyConfig:
     interval: int = 50
     clean_per_class: int = 20
     arms: tuple[Arm, ...] = ARMS
-    controller: ControllerSettings = field(default_factory=lambda: ControllerSettings(target=0.1, step=0.05))
+    controller: ControllerSettings = field(default_factory=lambda: STUDY_CONTROLLER)
     lr: float = 3e-3
     weight_decay: float = 5e-4
     width: int = 32
@@ -268,27 +271,30 @@ def summarize(results: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
             worst = np.array([by[(size, s, name)]["test_worst_class"] for s in seeds])
             rows[name] = {"test_acc": float(acc.mean()), "test_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                           "worst_class": float(worst.mean())}
-        chosen = [_best_on_validation(fixed, by, size, s) for s in seeds]
-        selected = np.array([by[(size, s, n)]["test_acc"] for s, n in zip(seeds, chosen, strict=True)])
-        rows["fixed, chosen on validation"] = {
-            "test_acc": float(selected.mean()),
-            "test_std": float(selected.std(ddof=1)) if len(selected) > 1 else 0.0,
-            "worst_class": float(np.mean([by[(size, s, n)]["test_worst_class"]
-                                          for s, n in zip(seeds, chosen, strict=True)]))}
-        best_fixed = max(rows[n]["test_acc"] for n in fixed)
-        for row in rows.values():
-            row["regret"] = best_fixed - row["test_acc"]
+        chosen: list[str] = []
         paired = {}
-        for name in ("adaptive", "adaptive per class"):
-            if name in names:
-                diff = np.array([by[(size, s, name)]["test_acc"] for s in seeds]) - selected
-                half = _t95(len(diff)) * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
-                paired[name] = {"mean": float(diff.mean()), "low": float(diff.mean() - half),
-                                "high": float(diff.mean() + half)}
+        if fixed:  # the fixed arms ran: the validation-selected one, regrets, paired differences
+            chosen = [_best_on_validation(fixed, by, size, s) for s in seeds]
+            selected = np.array([by[(size, s, n)]["test_acc"] for s, n in zip(seeds, chosen, strict=True)])
+            rows["fixed, chosen on validation"] = {
+                "test_acc": float(selected.mean()),
+                "test_std": float(selected.std(ddof=1)) if len(selected) > 1 else 0.0,
+                "worst_class": float(np.mean([by[(size, s, n)]["test_worst_class"]
+                                              for s, n in zip(seeds, chosen, strict=True)]))}
+            best_fixed = max(rows[n]["test_acc"] for n in fixed)
+            for row in rows.values():
+                row["regret"] = best_fixed - row["test_acc"]
+            for name in ("adaptive", "adaptive per class"):
+                if name in names:
+                    diff = np.array([by[(size, s, name)]["test_acc"] for s in seeds]) - selected
+                    half = _t95(len(diff)) * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
+                    paired[name] = {"mean": float(diff.mean()), "low": float(diff.mean() - half),
+                                    "high": float(diff.mean() + half)}
         out["sizes"][size] = {"rows": rows, "paired": paired, "chosen": chosen}
     worst_regret = {}
     for name in [*names, "fixed, chosen on validation"]:
-        regrets = [out["sizes"][z]["rows"][name]["regret"] for z in out["sizes"]]
+        regrets = [out["sizes"][z]["rows"][name]["regret"] for z in out["sizes"]
+                   if "regret" in out["sizes"][z]["rows"].get(name, {})]
         if regrets:
             worst_regret[name] = max(regrets)
     out["worst_regret"] = worst_regret
@@ -306,8 +312,9 @@ def report(out: Path, config: StudyConfig) -> dict[str, Any]:
         lines += [f"## {size} training images per class ({len(seeds)} seeds: {seeds})", "",
                   "| arm | test acc (%) | worst class (%) | regret (pts) |", "| --- | --- | --- | --- |"]
         for name, row in data["rows"].items():
+            regret = f"{100 * row['regret']:+.2f}" if "regret" in row else "-"
             lines.append(f"| {name} | {100 * row['test_acc']:.2f} ± {100 * row['test_std']:.2f} | "
-                         f"{100 * row['worst_class']:.1f} | {100 * row['regret']:+.2f} |")
+                         f"{100 * row['worst_class']:.1f} | {regret} |")
         for name, p in data["paired"].items():
             lines.append(f"\n{name} − fixed chosen on validation: {100 * p['mean']:+.2f} points "
                          f"(95% interval {100 * p['low']:+.2f} to {100 * p['high']:+.2f})")
@@ -376,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 100], help="training images per class")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (every arm, every size)")
     p.add_argument("--arms", nargs="+", help="run only these arms (names as in the report)")
-    p.add_argument("--target", type=float, default=0.1, help="controller: the clean gap to keep")
-    p.add_argument("--step", type=float, default=0.05, help="controller: strength change per update")
-    p.add_argument("--start", type=float, default=0.0, help="controller: strength before the first update")
-    p.add_argument("--gap", choices=["loss", "acc"], default="loss", help="controller: which clean gap")
+    p.add_argument("--target", type=float, default=STUDY_CONTROLLER.target, help="controller: the clean gap to keep")
+    p.add_argument("--step", type=float, default=STUDY_CONTROLLER.step, help="controller: strength change per update")
+    p.add_argument("--start", type=float, default=STUDY_CONTROLLER.start,
+                   help="controller: strength before the first update")
+    p.add_argument("--gap", choices=["loss", "ratio", "acc"], default=STUDY_CONTROLLER.gap,
+                   help="controller: which clean gap")
     p.add_argument("--interval", type=int, default=50, help="controller: least steps between updates")
     p.add_argument("--quick", action="store_true", help="a tiny version (one seed, one size, 16 steps)")
     p.add_argument("--report-only", action="store_true", help="summarize what has finished, run nothing")
