@@ -130,7 +130,7 @@ def describe_shape(info: DatasetInfo) -> str:
 
 def image_format(client: AugmentClient, dataset: str, spec: Spec, info: DatasetInfo, sample_id: int) -> ImageFormat:
     """Channels and size of what the model sees: from the dataset and spec, or one probed image."""
-    size = spec.output_size or (info.image_shape[:2] if info.image_shape else None)
+    size = spec.output_size_for((info.image_shape[0], info.image_shape[1]) if info.image_shape else None)
     if info.image_shape and size:
         return ImageFormat(info.image_shape[2], size[0], size[1])
     return probe_format(client, dataset, spec, sample_id)

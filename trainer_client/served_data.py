@@ -47,7 +47,7 @@ def image_bytes(spec: Spec, info: DatasetInfo) -> int | None:
     """Bytes of one output image of `spec` on dataset `info` (3 channels where unknown: at most
     that many); None when neither the spec nor the dataset fixes the size."""
     channels = info.image_shape[2] if info.image_shape else 3
-    size = spec.output_size or (info.image_shape[:2] if info.image_shape else None)
+    size = spec.output_size_for((info.image_shape[0], info.image_shape[1]) if info.image_shape else None)
     return None if size is None else int(math.prod(size)) * channels
 
 
