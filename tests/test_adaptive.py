@@ -113,9 +113,9 @@ def test_clean_gaps_measure_train_against_validation() -> None:
     model.register_parameter("p", nn.Parameter(torch.zeros(1)))
     train = data([0, 0, 1, 1], [True, True, True, True])
     val = data([0, 0, 1, 1], [True, False, False, False])  # class 0: 1 of 2 right, class 1: none
-    acc = clean_gaps(model, train, val, num_classes=2, gap="acc")
+    acc = clean_gaps(model, [train], [val], num_classes=2, gap="acc")
     assert acc.overall == pytest.approx(1.0 - 0.25) and list(acc.per_class) == pytest.approx([0.5, 1.0])
-    loss = clean_gaps(model, train, val, num_classes=2, gap="loss")
+    loss = clean_gaps(model, [train], [val], num_classes=2, gap="loss")
     assert loss.overall > 0 and loss.per_class[1] > loss.per_class[0] > 0
 
 
@@ -151,3 +151,53 @@ def test_quick_study_runs_every_arm_through_a_served_dataset(tmp_path: Path) -> 
     again = subprocess.run([sys.executable, "-m", "trainer_client.study", "--quick", "--out", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "seed 0 size 10" not in again.stdout
+
+
+def test_strength_callback_schedules_and_checkpoint() -> None:
+    from trainer_client.adaptive import StrengthCallback
+
+    ramp = StrengthCallback(parse_strength("ramp"), epochs=5)
+    seen = []
+    for epoch in range(1, 6):
+        seen.append(ramp.strength)
+        row: dict[str, float] = {"epoch": epoch}
+        ramp.on_epoch_end(row)
+        assert row["strength"] == seen[-1]
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+
+    script = iter([0.95, 0.95, 0.5, 0.5, 0.5])  # the clean gap after each epoch
+
+    def make() -> StrengthCallback:
+        controller = StrengthController(ControllerSettings(gap="ratio", target=0.9, step=0.1, start=0.3))
+        return StrengthCallback(parse_strength("adaptive"), epochs=5, controller=controller,
+                                measure=lambda: gaps(next(script)))
+
+    whole, used = make(), []
+    for epoch in range(1, 6):
+        used.append(whole.strength)
+        row = {"epoch": float(epoch)}
+        whole.on_epoch_end(row)
+        assert row["clean_gap"] in (0.95, 0.5)
+    assert used == pytest.approx([0.3, 0.4, 0.5, 0.4, 0.3])  # up on a wide gap, down on a narrow one
+    script = iter([0.95, 0.95, 0.5, 0.5, 0.5])
+    first = make()
+    for epoch in (1, 2):
+        first.on_epoch_end({"epoch": float(epoch)})
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.epoch == 2 and resumed.strength == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="adaptive"):
+        StrengthCallback(parse_strength("adaptive"), epochs=3)
+
+
+def test_augsvc_train_with_an_adaptive_strength(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "trainer_client.cli", "--out", str(out), "--epochs", "3",
+                           "--train-size", "200", "--augment-strength", "adaptive", "--strength-start", "0.5",
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["strength"] for r in rows][0] == 0.5 and all("clean_gap" in r for r in rows)
+    steps = {round(abs(b["strength"] - a["strength"]), 6) for a, b in zip(rows, rows[1:], strict=False)}
+    assert steps <= {0.05, 0.0}  # the controller moves by its step (or holds at a clamp)
+    assert "strength 0.50" in proc.stdout

@@ -17,7 +17,7 @@ checkpoint, so a resumed run continues exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClassGaps", "ControllerSettings", "StrengthController", "StrengthSchedule", "clean_gaps",
-           "parse_strength", "stratified_subset"]
+from .train import Callback
+
+__all__ = ["ClassGaps", "ControllerSettings", "StrengthCallback", "StrengthController", "StrengthSchedule",
+           "clean_gaps", "parse_strength", "stratified_subset"]
 
 GAP_METRICS = ("loss", "ratio", "acc")
 
@@ -149,35 +151,38 @@ class _Sums:
     count: np.ndarray
 
 
+#: Batches as a stream yields them: (images, labels), (images, labels, ids), or with a fourth
+#: element, the mask of real (not padding) samples.
+Batches = Iterable[Sequence[torch.Tensor]]
+
+
 @torch.no_grad()
-def _per_class(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               device: torch.device, batch_size: int = 512) -> _Sums:
-    loss = np.zeros(num_classes)
-    correct = np.zeros(num_classes)
-    count = np.zeros(num_classes)
-    for i in range(0, len(labels), batch_size):
-        x = images[i:i + batch_size].to(device)
-        y = labels[i:i + batch_size].to(device)
-        logits = model(x)
-        ce = F.cross_entropy(logits, y, reduction="none").cpu().numpy()
-        hit = (logits.argmax(1) == y).cpu().numpy()
+def _per_class(model: nn.Module, batches: Batches, num_classes: int, device: torch.device) -> _Sums:
+    sums = _Sums(np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes))
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        if len(batch) > 3:  # drop padding
+            real = batch[3].bool()
+            x, y = x[real], y[real]
+        logits = model(x.to(device))
+        y = y.to(device)
         yy = y.cpu().numpy()
-        np.add.at(loss, yy, ce)
-        np.add.at(correct, yy, hit)
-        np.add.at(count, yy, 1)
-    return _Sums(loss, correct, count)
+        np.add.at(sums.loss, yy, F.cross_entropy(logits, y, reduction="none").cpu().numpy())
+        np.add.at(sums.correct, yy, (logits.argmax(1) == y).cpu().numpy())
+        np.add.at(sums.count, yy, 1)
+    return sums
 
 
-def clean_gaps(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-               *, num_classes: int, gap: str = "loss", device: torch.device | None = None) -> ClassGaps:
-    """The generalization gap of `model` in eval mode: clean training images `train` against the
-    validation set `val` (each (uint8 images, labels)), overall and per class."""
+def clean_gaps(model: nn.Module, train: Batches, val: Batches, *, num_classes: int, gap: str = "loss",
+               device: torch.device | None = None) -> ClassGaps:
+    """The generalization gap of `model` in eval mode: batches of clean training images `train`
+    against the validation batches `val`, overall and per class."""
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        t = _per_class(model, *train, num_classes, device)
-        v = _per_class(model, *val, num_classes, device)
+        t = _per_class(model, train, num_classes, device)
+        v = _per_class(model, val, num_classes, device)
     finally:
         model.train(was_training)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -191,6 +196,48 @@ def clean_gaps(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: 
             per_class = t.correct / t.count - v.correct / v.count
             overall = t.correct.sum() / t.count.sum() - v.correct.sum() / v.count.sum()
     return ClassGaps(float(overall), per_class)
+
+
+class StrengthCallback(Callback):
+    """augsvc-train's --augment-strength: the strength each epoch trains at. "fixed" and "ramp"
+    follow the schedule (the ramp goes 0 -> 1 from the first epoch to the last); "adaptive" asks
+    `measure()` for the clean gaps after each epoch and moves the controller. Adds the columns
+    `strength` (the epoch's) and, when adaptive, `clean_gap`; a checkpoint holds its state."""
+
+    def __init__(self, schedule: StrengthSchedule, epochs: int, *, controller: StrengthController | None = None,
+                 measure: Callable[[], ClassGaps] | None = None) -> None:
+        if schedule.kind == "adaptive" and (controller is None or measure is None):
+            raise ValueError("an adaptive strength needs a controller and a measure of the clean gap")
+        self.schedule, self.epochs = schedule, epochs
+        self.controller, self.measure = controller, measure
+        self.epoch = 0  # the next epoch to train (0-based)
+
+    @property
+    def strength(self) -> float:
+        """The global strength of epoch `self.epoch`."""
+        if self.controller is not None:
+            return self.controller.global_strength
+        return self.schedule.at(self.epoch / max(1, self.epochs - 1))
+
+    @property
+    def class_strength(self) -> list[float] | None:
+        return self.controller.class_strength if self.controller is not None else None
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        row["strength"] = self.strength if self.class_strength is None else float(np.mean(self.class_strength))
+        if self.controller is not None and self.measure is not None:
+            gaps = self.measure()
+            self.controller.update(gaps, int(row["epoch"]))
+            row["clean_gap"] = gaps.overall
+        self.epoch = int(row["epoch"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "controller": self.controller.state_dict() if self.controller else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        if self.controller is not None and state.get("controller") is not None:
+            self.controller.load_state_dict(state["controller"])
 
 
 def stratified_subset(labels: Sequence[int] | np.ndarray, per_class: int, seed: int) -> np.ndarray:

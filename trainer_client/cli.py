@@ -27,11 +27,20 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from augsvc.spec import Spec, load_spec
 
+from .adaptive import (
+    ClassGaps,
+    ControllerSettings,
+    StrengthCallback,
+    StrengthController,
+    clean_gaps,
+    parse_strength,
+)
 from .checkpoint import gather_objects, load_checkpoint
 from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
@@ -46,6 +55,7 @@ from .served_data import (
     validation_stream,
 )
 from .stream import AugmentedStream
+from .study import STUDY_CONTROLLER
 from .train import Callback, TrainConfig, fit, resolve_device
 from .world import World
 
@@ -157,10 +167,6 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
         stream = AugmentedStream(client, args.dataset, spec, batch_size=args.batch_size, seed=args.seed,
                                  sample_ids=train_ids, prefetch=args.prefetch, with_mask=True)
 
-        def train_epoch(epoch: int) -> AugmentedStream:
-            stream.set_epoch(epoch)
-            return stream
-
         model = RegularizedCNN(fmt.channels, info.num_classes, width=args.width, depth=args.depth,
                                dropout=args.dropout, batch_norm=not args.no_batch_norm, seed=args.seed,
                                stem=RegularizedCNN.stem_for(fmt.height, fmt.width))
@@ -169,6 +175,18 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
                              progress=not args.no_progress, seed=args.seed, device=device_for(args.device, world),
                              checkpoint_every=args.checkpoint_every)
         hooks = list(callbacks)
+        strength = strength_callback(args, client, val_spec, train_ids, val_ids, info.num_classes, model,
+                                     config.epochs)
+        if strength is not None:
+            hooks.insert(0, strength)  # first: its columns reach the other callbacks
+
+        def train_epoch(epoch: int) -> AugmentedStream:
+            if strength is None:
+                stream.set_epoch(epoch)
+            else:
+                stream.set_epoch(epoch, strength=strength.strength, class_strength=strength.class_strength)
+            return stream
+
         if args.tensorboard and world.is_main:
             from .tensorboard_log import TensorBoardCallback
 
@@ -178,7 +196,8 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
             (out / "spec.yaml").write_text(spec.to_yaml())
         with stream, val_stream:
             history = fit(model, train_epoch, lambda: val_stream, config, world=world, data=stream,
-                          callbacks=hooks, resume=args.resume)
+                          stateful={"strength": strength} if strength is not None else None, callbacks=hooks,
+                          resume=args.resume)
     if not world.is_main:
         return 0
     best = history.best
@@ -189,6 +208,35 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
     print(f"best epoch {history.best_epoch}: val acc {100 * best['val_acc']:.1f}% "
           f"(val loss {best['val_loss']:.4f}); outputs in {out}/", flush=True)
     return 0
+
+
+def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spec: Spec, train_ids: Any,
+                      val_ids: Any, num_classes: int, model: torch.nn.Module, epochs: int) -> StrengthCallback | None:
+    """--augment-strength as a callback of `fit`. Adaptive: the clean gap is measured after each
+    epoch on a fixed subset of up to 512 training images and the whole validation set, both
+    through the eval pipeline and in full on every rank, so every rank takes the same decision."""
+    if args.augment_strength is None:
+        return None
+    schedule = parse_strength(args.augment_strength)
+    if schedule.kind != "adaptive":
+        return StrengthCallback(schedule, epochs)
+    settings = ControllerSettings(target=args.strength_target, step=args.strength_step, start=args.strength_start,
+                                  gap=args.strength_gap, per_class=args.strength_per_class)
+    subset = np.sort(np.random.default_rng(args.seed).permutation(np.asarray(train_ids))[:512])
+    batch = validation_stream(client, args.dataset, clean_spec, subset).batch_size
+
+    def clean(ids: Any) -> AugmentedStream:
+        return AugmentedStream(client, args.dataset, clean_spec, batch_size=batch, seed=0, shuffle=False,
+                               sample_ids=ids, rank=0, world_size=1)
+
+    train_clean, val_clean = clean(subset), clean(np.asarray(val_ids))
+
+    def measure() -> ClassGaps:
+        train_clean.set_epoch(0)
+        val_clean.set_epoch(0)
+        return clean_gaps(model, train_clean, val_clean, num_classes=num_classes, gap=settings.gap)
+
+    return StrengthCallback(schedule, epochs, controller=StrengthController(settings, num_classes), measure=measure)
 
 
 def _first_epoch(resume: str | None) -> int | None:
@@ -257,6 +305,11 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
     """The command line; `callbacks` go to `fit` (for programs that drive a run)."""
     argv = sys.argv[1:] if argv is None else argv
+    if "adaptive" in argv and argv.index("adaptive") > 0 and argv[argv.index("adaptive") - 1] == "--experiment":
+        from .study import main as study_main  # the adaptive-augmentation study has options of its own
+
+        at = argv.index("adaptive")
+        return study_main(argv[:at - 1] + argv[at + 1:])
     p = argparse.ArgumentParser(prog="augsvc-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="augsvc target(s): host:port, a comma list, unix:/path or dns:///name:port "
@@ -296,7 +349,18 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
                    help="TensorBoard: a grid of augmented training images every EPOCHS epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--experiment", choices=["regularization"], help="run a study instead of one training")
+    p.add_argument("--augment-strength", metavar="adaptive|ramp|FLOAT",
+                   help="the augmentation strength per epoch: a fixed value in [0, 1], a ramp 0 -> 1 over the "
+                        "epochs, or adaptive (follows the clean train-val gap; default: the spec as written)")
+    p.add_argument("--strength-gap", choices=["loss", "ratio", "acc"], default=STUDY_CONTROLLER.gap,
+                   help="adaptive: the clean gap the controller watches")
+    p.add_argument("--strength-target", type=float, default=STUDY_CONTROLLER.target, help="adaptive: its target")
+    p.add_argument("--strength-step", type=float, default=STUDY_CONTROLLER.step, help="adaptive: change per epoch")
+    p.add_argument("--strength-start", type=float, default=STUDY_CONTROLLER.start, help="adaptive: first strength")
+    p.add_argument("--strength-per-class", action="store_true", help="adaptive: one strength per class")
+    p.add_argument("--experiment", choices=["regularization", "adaptive"],
+                   help="run a study instead of one training (adaptive: see `augsvc-train --experiment "
+                        "adaptive --help`)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--exp-train", type=int, default=200, help="experiment: training images")
     p.add_argument("--exp-val", type=int, default=400, help="experiment: validation images")

@@ -22,7 +22,8 @@ def format_row(row: dict[str, float]) -> str:
             f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.1f}% | "
             f"gap loss {row['gap_loss']:+.4f} acc {100 * row['gap_acc']:+.1f} pts | "
             f"L1 {row['l1_norm']:.1f} L2 {row['l2_norm']:.2f} near-zero {100 * row['near_zero_frac']:.1f}% | "
-            f"{row['images_per_s']:.0f} img/s | lr {row['lr']:.2e}")
+            f"{row['images_per_s']:.0f} img/s | lr {row['lr']:.2e}"
+            + (f" | strength {row['strength']:.2f}" if "strength" in row else ""))
 
 
 def columns(rows: Sequence[dict[str, float]]) -> list[str]:
@@ -62,6 +63,12 @@ def plot_curves(rows: Sequence[dict[str, float]], path: Path, *, best_epoch: int
     ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], marker=".", label="train")
     ax_acc.plot(epochs, [100 * r["val_acc"] for r in rows], marker=".", label="val")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    if any("strength" in r for r in rows):  # the augmentation strength each epoch trained at
+        twin = ax_acc.twinx()
+        twin.step(epochs, [r.get("strength", float("nan")) for r in rows], where="mid", color="tab:green",
+                  alpha=0.6, label="strength s")
+        twin.set(ylabel="augmentation strength s", ylim=(-0.02, 1.02))
+        twin.legend(loc="lower right")
     for ax in (ax_loss, ax_acc):
         if best_epoch:
             ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,

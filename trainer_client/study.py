@@ -188,7 +188,7 @@ def run_arm(arm: Arm, size: int, seed: int, split: StudySplit, digits: Digits, c
             if arm.kind == "ramp":
                 strength = step / config.steps
             elif controller is not None and step - last_update >= config.interval and step < config.steps:
-                controller.update(clean_gaps(model, clean_train, val, num_classes=NUM_CLASSES,
+                controller.update(clean_gaps(model, [clean_train], [val], num_classes=NUM_CLASSES,
                                              gap=config.controller.gap), step)
                 last_update = step
         test_acc, test_per_class = _accuracy(model, test)
