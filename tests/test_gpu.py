@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, uninstalled
 
-from trainer_client.device import DeviceFeed, _pinned  # noqa: E402
+from trainer_client.device import DeviceFeed, _PinnedRing  # noqa: E402
 from trainer_client.model import RegularizedCNN  # noqa: E402
 
 try:
@@ -72,6 +72,10 @@ def test_compute_waits_for_its_batchs_copy() -> None:
     """With the copy stream held up, the consumer's kernels on the batch being copied do not
     run: the compute stream waits on the batch's copy event, and reads the right pixels after."""
     batches = list(host_batches(4))
+    # Load the kernels used below first: CUDA loads a kernel lazily at its first launch, and that
+    # load waits for the whole device (seen on an H200: the first uint8 sum took the full sleep).
+    torch.zeros((1, 3, 2, 2), dtype=torch.uint8, device="cuda").sum(dtype=torch.int64)
+    torch.cuda.synchronize()
     feed = DeviceFeed(iter(batches), "cuda")
     it = iter(feed)
     next(it)  # batch 0 handed over; batch 1's copy queued
@@ -101,9 +105,13 @@ def test_batches_arrive_in_order_normalised_on_the_device_in_channels_last() -> 
 
 
 def test_host_batches_are_staged_in_pinned_memory_with_their_strides() -> None:
-    images = next(host_batches(1))[0]
-    pinned = _pinned(images)
-    assert pinned.is_pinned() and pinned.stride() == images.stride() and torch.equal(pinned, images)
+    ring = _PinnedRing()
+    batches = [b[0] for b in host_batches(_PinnedRing.SLOTS + 1)]
+    staged = [ring.stage(0, images) for images in batches]
+    for images, pinned in zip(batches, staged, strict=True):
+        assert pinned.is_pinned() and pinned.stride() == images.stride()
+    assert torch.equal(staged[-1], batches[-1])
+    assert staged[-1].data_ptr() == staged[0].data_ptr()  # the ring came round: no new pinned memory
     feed = DeviceFeed(host_batches(1), "cuda")
     assert feed.pin_memory
 

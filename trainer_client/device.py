@@ -86,6 +86,7 @@ class DeviceFeed:
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handed: dict[str, Any] | None = None  # the source's state after the last batch handed over
         self._held: _Pending | None = None  # a batch copied ahead and not handed over
+        self._staging = _PinnedRing()
 
     @property
     def ahead_event(self) -> Any:
@@ -119,11 +120,13 @@ class DeviceFeed:
         state = self._source_state()
         if self.copy_stream is None:
             return _Pending([t.to(self.device) for t in batch], None, state)
-        host = [_pinned(t) if self.pin_memory else t for t in batch]
+        host = [self._staging.stage(k, t) if self.pin_memory else t for k, t in enumerate(batch)]
         with torch.cuda.stream(self.copy_stream):
             tensors = [t.to(self.device, non_blocking=True) for t in host]
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(self.copy_stream)
+        if self.pin_memory:
+            self._staging.read_by(host, event)
         return _Pending(tensors, event, state)
 
     def _hand_over(self, pending: _Pending) -> tuple[torch.Tensor, ...]:
@@ -155,8 +158,38 @@ class DeviceFeed:
         yield self._hand_over(current)
 
 
-def _pinned(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` in page-locked memory, same strides (channels_last stays so)."""
-    pinned = torch.empty_like(tensor, pin_memory=True)
-    pinned.copy_(tensor)
-    return pinned
+class _PinnedRing:
+    """Page-locked staging buffers, a few per tensor layout, reused round-robin: allocating pinned
+    memory (cudaHostAlloc) synchronises the whole device, so after a layout's first batch staging
+    never allocates. A buffer is refilled only once the copy that last read it has finished (long
+    done in steady state: it is `SLOTS` batches old, and one batch is held ahead)."""
+
+    SLOTS = 3
+
+    def __init__(self) -> None:
+        self._rings: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._turn: dict[tuple[Any, ...], int] = {}
+        self._readers: dict[int, Any] = {}  # id(buffer) -> the event of the copy that last read it
+
+    def stage(self, position: int, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (the batch's `position`-th) copied into a pinned buffer of its shape, strides and
+        dtype; each position has rings of its own, so a batch's tensors never share one."""
+        key = (position, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = self._rings[key] = [torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                                           pin_memory=True) for _ in range(self.SLOTS)]
+            self._turn[key] = 0
+        turn = self._turn[key]
+        self._turn[key] = (turn + 1) % self.SLOTS
+        buffer = ring[turn]
+        reader = self._readers.pop(id(buffer), None)
+        if reader is not None:
+            reader.synchronize()
+        buffer.copy_(tensor)
+        return buffer
+
+    def read_by(self, buffers: Sequence[torch.Tensor], event: Any) -> None:
+        """The copy recorded by `event` reads `buffers`: they are not refilled before it is done."""
+        for buffer in buffers:
+            self._readers[id(buffer)] = event
