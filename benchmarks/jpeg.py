@@ -110,10 +110,30 @@ def decoder_costs(paths: list[Path], *, seconds: float, size: DecodeSize | None)
     return {name: 1e3 / rate for name, rate in rates.items()}
 
 
+def albumentations_compose() -> Any:
+    """(a)'s pipeline: TRAIN_SPEC the usual albumentations way."""
+    from augsvc._albumentations import albumentations as A
+
+    return A.Compose([
+        A.RandomResizedCrop(size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.8),
+    ])
+
+
+def pillow_rgb(path: str | io.BytesIO) -> np.ndarray:
+    """(a)'s decode: Pillow, converted to RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def worker_share(paths: list[Path], *, seconds: float, batch: int, size: DecodeSize | None) -> dict[str, float]:
-    """Milliseconds per image of a worker's two parts, on one core, measured interleaved: decoding
+    """Milliseconds per image on one core, measured interleaved: a worker's two parts — decoding
     a file (augsvc's decoder, at the declared size if any) and augmenting the decoded image with
-    TRAIN_SPEC (the fused engine, batches of `batch`)."""
+    TRAIN_SPEC (the fused engine, batches of `batch`) — and what (a) does per image (Pillow decode
+    and the albumentations Compose)."""
     import cv2
 
     from augsvc.datasets.decode import dct_scale, decode, probe
@@ -124,6 +144,7 @@ def worker_share(paths: list[Path], *, seconds: float, batch: int, size: DecodeS
     headers = [probe(b) for b in blobs]
     images = [decode(b, h, 3, dct_scale(h.height, h.width, size)) for b, h in zip(blobs, headers, strict=True)]
     out = np.empty((batch, 224, 224, 3), np.uint8)
+    compose = albumentations_compose()
     state = {"k": 0}
 
     def decode_batch() -> int:
@@ -140,9 +161,18 @@ def worker_share(paths: list[Path], *, seconds: float, batch: int, size: DecodeS
         state["k"] += 1
         return batch
 
-    rates = compare_rates({"decode": decode_batch, "augment": augment}, seconds=seconds, rounds=5)
+    def dataloader_items() -> int:
+        k = state["k"] % 4
+        for b in blobs[k * batch:(k + 1) * batch]:
+            compose(image=pillow_rgb(io.BytesIO(b)))
+        state["k"] += 1
+        return batch
+
+    rates = compare_rates({"decode": decode_batch, "augment": augment, "dataloader_item": dataloader_items},
+                          seconds=seconds, rounds=5)
     ms = {name: 1e3 / rate for name, rate in rates.items()}
-    return {**ms, "decode_share": ms["decode"] / (ms["decode"] + ms["augment"])}
+    return {**ms, "decode_share": ms["decode"] / (ms["decode"] + ms["augment"]),
+            "one_core_ratio": ms["dataloader_item"] / (ms["decode"] + ms["augment"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +184,6 @@ def _dataloader(paths: list[Path], *, workers: int, batch: int, prefetch: int) -
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from augsvc._albumentations import albumentations as A
-
     class Files(Dataset[tuple[torch.Tensor, int]]):
         def __init__(self) -> None:
             self.paths = [str(p) for p in paths]
@@ -165,17 +193,9 @@ def _dataloader(paths: list[Path], *, workers: int, batch: int, prefetch: int) -
             return len(self.paths)
 
         def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            from PIL import Image
-
             if self.compose is None:  # built in the worker process
-                self.compose = A.Compose([
-                    A.RandomResizedCrop(size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-                    A.HorizontalFlip(p=0.5),
-                    A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.8),
-                ])
-            with Image.open(self.paths[i]) as im:
-                image = np.asarray(im.convert("RGB"))
-            out = self.compose(image=image)["image"]
+                self.compose = albumentations_compose()
+            out = self.compose(image=pillow_rgb(self.paths[i]))["image"]
             return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), i % 2
 
     from .e2e import _worker_init
@@ -262,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             for label, s in [("full size", None), (f"decode size {size}", size)] if size else [("full size", None)]:
                 share = worker_share(paths, seconds=args.seconds / 2, batch=args.batch, size=s)
                 result[f"worker_{'sized' if s else 'full'}"] = share
-                print(f"one core, a worker's ms per image at {label}: decode {share['decode']:.3f}, "
-                      f"augment {share['augment']:.3f}; decode share {100 * share['decode_share']:.0f}%")
+                print(f"one core, ms per image at {label}: augsvc worker: decode {share['decode']:.3f} + augment "
+                      f"{share['augment']:.3f} (decode share {100 * share['decode_share']:.0f}%); (a) Pillow + "
+                      f"albumentations {share['dataloader_item']:.3f}: (a) / worker {share['one_core_ratio']:.2f}x")
         e2e = end_to_end(folder, paths, workers=args.workers, batch=args.batch, seconds=args.seconds,
                          rounds=args.rounds, size=size, layouts=tuple(args.layouts))
         result.update(e2e)

@@ -90,7 +90,8 @@ def _views(shm: SharedMemory, fields: Sequence[Field]) -> dict[str, np.ndarray]:
 
 
 class DatasetReader:
-    """A worker's view of one dataset; `gather` returns new arrays, so the mapping can close anytime."""
+    """A worker's view of one dataset; `gather` returns new arrays (unless asked for views), so the
+    mapping can close anytime."""
 
     def __init__(self, handle: DatasetHandle) -> None:
         if handle.layout not in LAYOUTS:
@@ -107,11 +108,12 @@ class DatasetReader:
         """The file of one sample of a dataset made from files (for logs, never for clients)."""
         return path_at(self._a["paths"], self._a["path_offsets"], sample_id)
 
-    def gather(self, sample_ids: Any) -> np.ndarray | list[np.ndarray]:
+    def gather(self, sample_ids: Any, *, copy: bool = True) -> np.ndarray | list[np.ndarray]:
         """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
         otherwise a list of (H, W, C) arrays. A sample that does not decode raises BadSampleError,
         which names the sample id, not the path. The ids are indices checked when the job was
-        made (`augsvc.jobs`)."""
+        made (`augsvc.jobs`). copy=False: the decoded layout's mixed-size images are read-only
+        views of the shared pixels (no copy), valid only until `close()` (a worker's case)."""
         ids = np.asarray(sample_ids, np.int64)
         a, shape = self._a, self.handle.image_shape
         if "bad" in a and ids.size and a["bad"][ids].any():
@@ -121,15 +123,19 @@ class DatasetReader:
             dense: np.ndarray = a["pixels"][ids]
             return dense
         out = np.empty((len(ids), *shape), np.uint8) if shape is not None else None
-        images = [self._one(int(i), None if out is None else out[k]) for k, i in enumerate(ids)]
+        images = [self._one(int(i), None if out is None else out[k], copy) for k, i in enumerate(ids)]
         return out if out is not None else images
 
-    def _one(self, i: int, out: np.ndarray | None) -> np.ndarray:
+    def _one(self, i: int, out: np.ndarray | None, copy: bool) -> np.ndarray:
         a, c = self._a, self.handle.channels
         h, w = int(a["decoded_hw"][i, 0]), int(a["decoded_hw"][i, 1])
         if self.handle.layout == "decoded":
             start = int(a["pixel_offsets"][i])
-            return a["pixels"][start:start + h * w * c].reshape(h, w, c).copy()
+            view: np.ndarray = a["pixels"][start:start + h * w * c].reshape(h, w, c)
+            if copy:
+                return view.copy()
+            view.flags.writeable = False  # the engine never writes into its input
+            return view
         header = Header(int(a["formats"][i]), int(a["header_hw"][i, 0]), int(a["header_hw"][i, 1]), False)
         try:
             if self.handle.layout == "encoded":

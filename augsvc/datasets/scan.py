@@ -26,7 +26,7 @@ __all__ = ["BAD_FILE_POLICIES", "Catalog", "apply_policy", "read_file", "scan"]
 log = logging.getLogger("augsvc.datasets")
 
 BAD_FILE_POLICIES = ("fail", "skip")
-_HEAD_BYTES = 64 << 10   # a JPEG header with a large EXIF thumbnail or ICC profile may need more
+_HEAD_BYTES = 16 << 10   # a JPEG header with a large EXIF thumbnail or ICC profile may need more
 _CHUNK = 256             # files per thread-pool task
 _LISTED = 20             # offenders named in an error or a log line
 

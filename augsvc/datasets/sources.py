@@ -149,7 +149,8 @@ def list_folder(root: Path, arg: str) -> FileTable:
     paths: list[str] = []
     counts = []
     for cls in classes:
-        found = sorted(_image_files(os.path.join(root, cls)), key=lambda p: p.split(os.sep))
+        # sorted as Path sorts, part by part: with the separator as the lowest character
+        found = sorted(_image_files(os.path.join(root, cls)), key=lambda p: p.replace(os.sep, "\0"))
         paths += found
         counts.append(len(found))
     if not paths:
