@@ -131,7 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       pid=os.getpid(), workers=server.pool.worker_count, metrics_port=server.metrics_port,
                       datasets=tuple(server.datasets))
     print(ready.to_json(), flush=True)
-    stop.wait()
+    # Python runs signal handlers on the main thread only, between bytecodes: a SIGTERM that the
+    # kernel hands to one of gRPC's threads would never wake an untimed wait here.
+    while not stop.wait(0.5):
+        pass
     server.stop()
     log.info("stopped")
     return 0

@@ -236,7 +236,7 @@ def batch_range(call: StreamBatchesCall | pb.StreamBatchesRequest | MalformedReq
                                 "or random_resized_crop step so that every batch has one shape")
     if request.batch_size < 1:
         raise InvalidInputError("batch_size: 0 is not allowed; expected an integer >= 1")
-    size = spec.output_size or (ds.image_shape[:2] if ds.image_shape else None)
+    size = spec.output_size_for(ds.image_shape[:2] if ds.image_shape else None)
     if size is not None:
         limits.check_batch_bytes("batch_size", request.batch_size * size[0] * size[1] * ds.channels,
                                  f"{request.batch_size} images of {size[0]}x{size[1]}x{ds.channels} are ")

@@ -1,5 +1,5 @@
 """Processes as Linux's /proc shows them: liveness, parent, descendants, start time, pid namespace,
-CPU time, memory, and the shared-memory segments a process created.
+CPU time and memory (the shared-memory segments a process created: `augsvc.shm.segments_of`).
 
 A process that is gone (or a zombie, which has exited and only waits to be reaped) reads as not
 alive, with no parent, no start time and no CPU time, so callers can poll without racing its exit.
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["alive", "cpu_seconds", "descendants", "parent_of", "peak_rss_mb", "pid_namespace", "reset_peak_rss",
-           "rss_mb", "segments_of", "start_time", "status_kb"]
+           "rss_mb", "start_time", "status_kb"]
 
 #: Indices into the fields of /proc/<pid>/stat that follow the command name (field 3 is index 0).
 _STATE, _PPID, _UTIME, _STIME, _STARTTIME = 0, 1, 11, 12, 19
@@ -119,10 +119,3 @@ def reset_peak_rss(pid: int) -> bool:
     except OSError:
         return False
 
-
-def segments_of(pid: int) -> set[str]:
-    """Names of the shared-memory segments in /dev/shm that process `pid` created
-    (`augsvc.shm.segments_of`, where the naming scheme lives)."""
-    from . import shm
-
-    return shm.segments_of(pid)

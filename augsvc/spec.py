@@ -222,7 +222,7 @@ def _check_message(msg: Message, path: str) -> None:
 class Spec:
     """A validated augmentation pipeline with every default filled in. Build it with `load_spec`."""
 
-    __slots__ = ("_message", "_steps", "_fingerprint", "_identity", "_wire", "_output_size")
+    __slots__ = ("_message", "_steps", "_fingerprint", "_identity", "_wire", "_output_size", "_keeps_size")
 
     def __init__(self, message: pb.Pipeline, *, _validated: bool = False) -> None:
         if not _validated:
@@ -238,12 +238,14 @@ class Spec:
         unscaled.ClearField("strength")
         self._identity = hashlib.sha256(unscaled.SerializeToString(deterministic=True)).hexdigest()[:16]
         self._output_size: tuple[int, int] | None = None
+        self._keeps_size = True  # no step sets or changes the size
         for _name, params in self._steps:
             effect = params.DESCRIPTOR.GetOptions().Extensions[pb.output_size]
             if effect == pb.SETS_SIZE:
                 self._output_size = (int(params.height), int(params.width))
             elif effect == pb.CHANGES_SIZE:
                 self._output_size = None
+            self._keeps_size = self._keeps_size and effect == pb.KEEPS_SIZE
 
     @classmethod
     def from_proto(cls, message: pb.Pipeline) -> Spec:
@@ -312,6 +314,14 @@ class Spec:
         """(height, width) set by the last step that sets the size (`output_size = SETS_SIZE` on
         its proto message), or None if the input size is kept or depends on the input."""
         return self._output_size
+
+    def output_size_for(self, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The output size of images of `input_size`, where the spec alone says it: the size the
+        spec sets, or the input's when every step keeps it; None when a step's output depends on
+        its input in a way only the draws know (a shorter-side resize), or the input is unknown."""
+        if self._output_size is not None:
+            return self._output_size
+        return input_size if self._keeps_size else None
 
     def to_proto(self) -> pb.Pipeline:
         msg = pb.Pipeline()

@@ -176,13 +176,13 @@ class _Worker:
         if self.sleep_hook is not None and aug.seed == self.sleep_hook[0]:
             time.sleep(self.sleep_hook[1])
         spec = aug.validated_spec
-        size = spec.output_size
+        size = spec.output_size  # fixed by the spec, whatever the input
         channels = job.channels if isinstance(job, DatasetBatch) else (job.shape[3] if job.shape else None)
         if size is not None and channels is not None:  # refuse before the work, when we can
             self._check_output(len(job.sample_ids) * size[0] * size[1] * channels)
         images = self.images(job)
         segment = job.out_segment if isinstance(job, DatasetBatch) else None
-        target, written_to = self._out_view(images, size, segment)
+        target, written_to = self._out_view(images, spec, segment)
         strength = job.strength if isinstance(job, DatasetBatch) else None
         out = self.augment_batch(images, spec, seed=aug.seed, epoch=aug.epoch, sample_ids=job.sample_ids,
                                  backend=aug.backend, max_side=self.limits.max_image_side, out=target,
@@ -193,18 +193,21 @@ class _Worker:
             np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out
         return Done(tuple(int(s) for s in out.shape), written_to)
 
-    def _out_view(self, images: Any, size: tuple[int, int] | None, segment: ClientSegment | None
+    def _out_view(self, images: Any, spec: Any, segment: ClientSegment | None
                   ) -> tuple[np.ndarray | None, str | None]:
         """The output slot (or the client's `segment`, when usable) as an array of the batch's
         output shape, when it is known up front: the engine then writes the pixels straight into
         shared memory."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
-            h, w = size or images.shape[1:3]
-            shape = (images.shape[0], h, w, images.shape[3])
-        elif size is not None and len(images) and getattr(images[0], "ndim", 0) == 3:
-            shape = (len(images), size[0], size[1], images[0].shape[2])
+            size = spec.output_size_for(images.shape[1:3])
+            channels = images.shape[3]
+        elif len(images) and getattr(images[0], "ndim", 0) == 3:
+            size, channels = spec.output_size, images[0].shape[2]
         else:
+            size = None
+        if size is None:
             return None, None
+        shape = (len(images), size[0], size[1], channels)
         nbytes = shape[0] * shape[1] * shape[2] * shape[3]
         self._check_output(nbytes)
         shm = self.client_segment(segment, nbytes) if segment is not None else None

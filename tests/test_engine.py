@@ -443,20 +443,20 @@ def _check_uniform(values: np.ndarray, lo: float, hi: float) -> None:
 def test_angles_are_uniform_on_limit_range(limit_range: list[float]) -> None:
     (step,) = _draw([{"rotate": {"limit_range": limit_range}}])
     assert step.apply.all()  # rotate's default p is 1
-    _check_uniform(step.values.angle, *limit_range)
+    _check_uniform(step.values.value, *limit_range)
 
 
 @pytest.mark.parametrize("scale_range", [[0.9, 1.1], [0.5, 2.0]])
 def test_scales_are_uniform_on_scale_range(scale_range: list[float]) -> None:
     (step,) = _draw([{"scale": {"scale_range": scale_range}}])
-    _check_uniform(step.values.scale, *scale_range)
+    _check_uniform(step.values.value, *scale_range)
 
 
 def test_draws_of_different_steps_are_independent() -> None:
     rot, sca = _draw([{"rotate": {"limit_range": [-15, 15]}}, {"scale": {"scale_range": [0.9, 1.1]}}])
-    r = np.corrcoef(rot.values.angle, sca.values.scale)[0, 1]
+    r = np.corrcoef(rot.values.value, sca.values.value)[0, 1]
     assert abs(r) < 5 / np.sqrt(N_STATS)
-    r = np.corrcoef(rot.values.angle, rot.apply)[0, 1] if not rot.apply.all() else 0.0
+    r = np.corrcoef(rot.values.value, rot.apply)[0, 1] if not rot.apply.all() else 0.0
     assert abs(r) < 5 / np.sqrt(N_STATS)
 
 

@@ -227,7 +227,7 @@ def test_sigkill_mid_job(monkeypatch: pytest.MonkeyPatch) -> None:
         assert p.pids() != [old_pid]
         pids = p.pids()
     assert own_segments() == before
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), timeout=10)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids))
 
 
 def test_close_is_idempotent_and_leaves_nothing(digits: Dataset) -> None:
@@ -238,7 +238,7 @@ def test_close_is_idempotent_and_leaves_nothing(digits: Dataset) -> None:
     p.close()
     p.close()
     assert own_segments() == before
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), timeout=10)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids))
     with pytest.raises(WorkerUnavailableError, match="not running"):
         p.submit_augment(batch(1), SPEC, seed=0, epoch=0, sample_ids=[0])
 

@@ -47,3 +47,29 @@ def test_eval_pipeline_gives_one_shape_from_mixed_sizes() -> None:
     ref = augment_batch(batch, spec, seed=0, epoch=0, sample_ids=ids, backend="albumentations").astype(int)
     assert fused.shape == ref.shape == (len(SIZES), 56, 56, 3)
     assert np.abs(fused - ref).max() <= 1
+
+
+def test_served_batches_and_streams_of_a_fixed_size_dataset() -> None:
+    """A size that depends on the input (not fixed by the spec) reaches every path: StreamBatches
+    of a fixed-size dataset (pixels inline and through shared memory) and AugmentStream."""
+    from helpers.data import served_digits
+    from helpers.servers import serve
+
+    from augsvc.server import ServerSettings
+    from trainer_client import AugmentClient, AugmentedStream
+
+    pixels, _ = served_digits()
+    spec = [{"resize_shorter": {"side": 20}}, {"rotate": {"limit_range": [-10, 10]}}]
+    with serve(ServerSettings(workers=2, datasets={"digits": "builtin:digits"})) as s, \
+            AugmentClient(s.target) as client:
+        for shared in (False, True):
+            stream = AugmentedStream(client, "digits", spec, batch_size=100, seed=3, shared_memory=shared,
+                                     sample_ids=np.arange(300))
+            for images, _labels, ids in stream:
+                want = augment_batch(pixels[ids.numpy()], spec, seed=3, epoch=0, sample_ids=ids.numpy())
+                assert want.shape[1:] == (20, 20, 1)
+                np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), want)
+        own = AugmentedStream.from_arrays(client, pixels[:64], np.zeros(64), spec, batch_size=32, seed=1)
+        for images, _labels, ids in own:
+            want = augment_batch(pixels[ids.numpy()], spec, seed=1, epoch=0, sample_ids=ids.numpy())
+            np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), want)

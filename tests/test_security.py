@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from helpers.certs import Pki, make_pki
+from helpers.data import served_digits
 from helpers.servers import (
     CHANNEL_OPTIONS,
     TIMEOUT,
@@ -19,9 +20,10 @@ from helpers.servers import (
     health_status,
     segments_of,
     serve,
+    wait_until,
 )
 
-from augsvc import augment_batch, cli, load_spec
+from augsvc import augment_batch, cli, epoch_batches, load_spec
 from augsvc.server import ServerSettings, create_server
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
@@ -34,9 +36,13 @@ AUGMENT = pb.AugmentRequest(spec=SPEC.to_proto(), images=pb.Tensor(data=X.tobyte
                                                                    dtype="uint8"), seed=1, sample_ids=[0, 1])
 
 
+def to_array(msg: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(msg.data, np.uint8).reshape(tuple(msg.shape))
+
+
 def augment_ok(stub: pb_grpc.AugmenterStub, metadata: Any = None) -> None:
     reply = stub.Augment(AUGMENT, timeout=TIMEOUT, metadata=metadata)
-    np.testing.assert_array_equal(np.frombuffer(reply.images.data, np.uint8).reshape(X.shape), EXPECTED)
+    np.testing.assert_array_equal(to_array(reply.images), EXPECTED)
 
 
 def rpc_code(call: Callable[[], Any]) -> grpc.StatusCode:
@@ -46,7 +52,9 @@ def rpc_code(call: Callable[[], Any]) -> grpc.StatusCode:
 
 
 def server_info_code(channel: grpc.Channel) -> grpc.StatusCode:
-    return rpc_code(lambda: pb_grpc.AugmenterStub(channel).GetServerInfo(pb.ServerInfoRequest(), timeout=5))
+    # TIMEOUT only keeps a slow machine from turning the transport's refusal into DEADLINE_EXCEEDED
+    return rpc_code(lambda: pb_grpc.AugmenterStub(channel).GetServerInfo(pb.ServerInfoRequest(),
+                                                                         timeout=TIMEOUT))
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +107,38 @@ def test_token_missing_or_wrong_is_unauthenticated(with_token: Served, method: s
     assert "bearer token" in info.value.details()
 
 
+def check_answer(method: str, answer: Any) -> None:
+    """A served call's answer is the real one: this server's info, or the exact pixels."""
+    if method == "GetServerInfo":
+        assert (answer.pid, answer.workers) == (os.getpid(), 1)
+    elif method == "Augment":
+        np.testing.assert_array_equal(to_array(answer.images), EXPECTED)
+    elif method == "AugmentStream":
+        assert len(answer) == 1
+        np.testing.assert_array_equal(to_array(answer[0].images), EXPECTED)
+    else:  # the whole epoch of digits in batches of 500
+        pixels, labels = served_digits()
+        plan = epoch_batches(len(pixels), 500, seed=0, epoch=0)
+        assert [b.batch_index for b in answer] == list(range(len(plan)))
+        for b, ids in zip(answer, plan, strict=True):
+            assert list(b.sample_ids) == ids.tolist() and list(b.labels) == labels[ids].tolist()
+            np.testing.assert_array_equal(to_array(b.images),
+                                          augment_batch(pixels[ids], SPEC, seed=0, epoch=0, sample_ids=ids))
+
+
+#: Jobs each call runs on the worker pool (StreamBatches: one per batch).
+JOBS = {"GetServerInfo": 0, "Augment": 1, "AugmentStream": 1, "StreamBatches": 4}
+
+
 @pytest.mark.parametrize("method", list(CALLS))
 def test_right_token_is_served(with_token: Served, method: str) -> None:
-    CALLS[method](with_token.stub, [("authorization", f"Bearer {TOKEN}")])
+    completed = with_token.server.pool.stats()["completed"]
+    answer = CALLS[method](with_token.stub, [("authorization", f"Bearer {TOKEN}")])
+    check_answer(method, answer)
+    # the pool counts a job when its result is handed over, which can be just after the reply left
+    done = lambda: with_token.server.pool.stats()["completed"] - completed  # noqa: E731
+    wait_until(lambda: done() >= JOBS[method], what="the pool to count the jobs")
+    assert done() == JOBS[method]
 
 
 def test_token_rejections_do_no_work_and_are_counted(with_token: Served) -> None:
@@ -155,7 +192,8 @@ def test_health_cli_over_tls(with_tls: Served, pki: Pki, capsys: pytest.CaptureF
     # in-process: the `augsvc` script itself is exercised in test_server.py
     assert cli.main(["health", "--target", f"localhost:{with_tls.port}", "--tls-ca", str(pki.ca_cert)]) == 0
     assert "SERVING" in capsys.readouterr().out
-    assert cli.main(["health", "--target", f"127.0.0.1:{with_tls.port}", "--timeout", "5"]) == 1  # plaintext
+    plaintext = ["health", "--target", f"127.0.0.1:{with_tls.port}", "--timeout", str(TIMEOUT)]  # refused at once
+    assert cli.main(plaintext) == 1
     assert "UNAVAILABLE" in capsys.readouterr().out
 
 
@@ -181,12 +219,12 @@ def test_mtls_refuses_other_clients(with_mtls: Served, pki: Pki, client: str) ->
     cert, key = (None, None) if client == "no_certificate" else (pki.rogue_client_cert, pki.rogue_client_key)
     with tls_channel(with_mtls.port, pki, cert=cert, key=key) as channel:
         assert server_info_code(channel) == grpc.StatusCode.UNAVAILABLE
-        assert rpc_code(lambda: health_status(channel)) == grpc.StatusCode.UNAVAILABLE
+        assert rpc_code(lambda: health_status(channel, timeout=TIMEOUT)) == grpc.StatusCode.UNAVAILABLE
     augment_ok(with_mtls.stub)  # still serving
 
 
 def test_health_cli_over_mtls(with_mtls: Served, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
-    target = ["--target", f"127.0.0.1:{with_mtls.port}", "--timeout", "5", "--tls-ca", str(pki.ca_cert)]
+    target = ["--target", f"127.0.0.1:{with_mtls.port}", "--timeout", str(TIMEOUT), "--tls-ca", str(pki.ca_cert)]
     assert cli.main(["health", *target]) == 1  # no client certificate
     assert "UNAVAILABLE" in capsys.readouterr().out
     client = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]

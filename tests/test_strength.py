@@ -69,11 +69,11 @@ def draws_at(step: dict[str, Any], strength: float | np.ndarray) -> Any:
 # -- the rule of each transform, on its draws -----------------------------------------------------------
 
 def _rotate(one: Any, s: np.ndarray, at: Any) -> None:
-    np.testing.assert_allclose(at.values.angle, s * one.values.angle)
+    np.testing.assert_allclose(at.values.value, s * one.values.value)
 
 
 def _scale(one: Any, s: np.ndarray, at: Any) -> None:
-    np.testing.assert_allclose(np.log(at.values.scale), s * np.log(one.values.scale), atol=1e-12)
+    np.testing.assert_allclose(np.log(at.values.value), s * np.log(one.values.value), atol=1e-12)
 
 
 def _translate(one: Any, s: np.ndarray, at: Any) -> None:

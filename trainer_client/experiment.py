@@ -138,9 +138,7 @@ def make_local_train_epoch(images: np.ndarray, labels: np.ndarray, train_ids: np
                            spec: dict[str, Any] | None = None, batch_size: int = 32) -> MakeTrainEpoch:
     """An in-process `make_train_epoch(augment, seed)`: the same epoch plan and augmentation as the
     service (`augsvc.epoch_batches`, `augsvc.augment_batch`) without a server."""
-    # augsvc loads its engine lazily (a module __getattr__), which type checkers see as `object`.
-    from augsvc import epoch_batches
-    from augsvc.engine import augment_batch
+    from augsvc import augment_batch, epoch_batches
 
     spec = DIGITS_SPEC if spec is None else spec
 

@@ -245,7 +245,7 @@ class AugmentedStream(IterableDataset[Batch]):
             shape = [int(d) for d in self._arrays[0].shape[1:]]
         else:
             shape = list(self._dataset_info.image_shape or ()) if self._dataset_info is not None else []
-        size = self.spec.output_size or (tuple(shape[:2]) if len(shape) == 3 else None)
+        size = self.spec.output_size_for((shape[0], shape[1]) if len(shape) == 3 else None)
         if size is None:
             return None
         return size[0], size[1], shape[2] if len(shape) == 3 else 3

@@ -81,30 +81,31 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         raise InvalidInputError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
     seed = check_counter(seed, "seed")
     epoch = check_counter(epoch, "epoch")
-    out_size = spec.output_size
-    if out_size is not None:
-        Limits(max_image_side=max_side).check_side("spec", *out_size, what="output side")
+    limits = Limits(max_image_side=max_side)
+    if spec.output_size is not None:
+        limits.check_side("spec", *spec.output_size, what="output side")
     work, heights, widths, channels = check_images(images, max_side=max_side)
     ids = sample_keys(sample_ids, count=len(work))
-    if len(work) == 0:
-        if isinstance(work, np.ndarray):
-            h, w = out_size or (int(work.shape[1]), int(work.shape[2]))
-            return np.zeros((0, h, w, channels), np.uint8)
+    if len(work) == 0 and not isinstance(work, np.ndarray):
         raise InvalidInputError("images: an empty list has no shape; pass an empty (0, H, W, C) array")
-    if not isinstance(work, np.ndarray) and out_size is None:
-        raise InvalidInputError("images: differ in size and the spec keeps input sizes; add a resize or "
-                                "random_resized_crop step so that a batch has one shape")
+    per_sample = None if strength is None else sample_strength(strength, len(work))
+    if len(work) == 0 and isinstance(work, np.ndarray):  # an empty batch's shape: its size through the steps
+        ids, heights, widths = np.zeros(1, np.uint64), np.array([work.shape[1]]), np.array([work.shape[2]])
+    draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths,
+                       strength=per_sample)
+    for draw in draws:  # sizes that depend on the input (a shorter-side resize) are known only now
+        limits.check_side("spec", int(draw.out_size[0].max()), int(draw.out_size[1].max()), what="output side")
+    out_h, out_w = draws[-1].out_size if draws else (heights, widths)
+    if len(work) == 0:
+        return np.zeros((0, int(out_h[0]), int(out_w[0]), channels), np.uint8)
+    if (out_h != out_h[0]).any() or (out_w != out_w[0]).any():
+        raise InvalidInputError("images: the spec leaves images of different sizes in one batch; add a resize, "
+                                "center_crop or random_resized_crop step so that a batch has one shape")
     if out is not None:
-        h, w = out_size or (int(heights[0]), int(widths[0]))
-        want = (len(work), h, w, channels)
+        want = (len(work), int(out_h[0]), int(out_w[0]), channels)
         if out.dtype != np.uint8 or out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidInputError(f"out: expected a writable C-contiguous uint8 array of shape {want}, got "
                                     f"{out.dtype} {out.shape}")
-    draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths,
-                       strength=None if strength is None else sample_strength(strength, len(work)))
-    for draw in draws:  # sizes that depend on the input (a shorter-side resize) are known only now
-        Limits(max_image_side=max_side).check_side("spec", int(draw.out_size[0].max()), int(draw.out_size[1].max()),
-                                                   what="output side")
     result = BACKENDS[backend](work, draws, spec, out)
     if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")

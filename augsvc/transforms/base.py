@@ -30,15 +30,16 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+import cv2
 import numpy as np
 
 from .._albumentations import fgeometric
 from ..rng import Draws
 from ..v1 import augment_pb2 as pb
 
-__all__ = ["ColorTransform", "CropBoxes", "Draw", "GeometricTransform", "PixelTransform", "Resampling",
-           "Transform", "about_centre", "affine_reference_matrix", "crop_resize_matrices", "identity_matrices",
-           "toward"]
+__all__ = ["ColorTransform", "CropBoxes", "Draw", "GeometricTransform", "Mirror", "PixelTransform", "Resampling",
+           "Scalars", "Transform", "UniformAffine", "WholeImageResize", "about_centre", "affine_reference_matrix",
+           "crop_resize_matrices", "identity_matrices", "toward"]
 
 V = TypeVar("V")
 
@@ -76,7 +77,7 @@ class Draw(Generic[V]):
 class Transform(Generic[V]):
     """Base of every definition. Subclasses set `name` (the spec key) and implement `draw_values`."""
 
-    name: ClassVar[str]
+    name: str
 
     def draw(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray,
              strength: np.ndarray | None = None) -> Draw[V]:
@@ -137,6 +138,76 @@ class GeometricTransform(Transform[V]):
     def reference_matrix(self, values: V, n: int, shape: tuple[int, int]) -> np.ndarray:
         """Sample n's albumentations affine matrix (AFFINE steps), for an image of `shape`."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """One drawn value per sample."""
+
+    value: np.ndarray
+
+
+class Mirror(GeometricTransform[None]):
+    """A flip along one axis with probability p: whole pixels move (hflip: axis 1, vflip: axis 0)."""
+
+    resampling = Resampling.EXACT
+
+    def __init__(self, name: str, axis: int) -> None:
+        self.name, self.axis = name, axis
+
+    def draw_values(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray
+                    ) -> tuple[np.ndarray, None]:
+        return d.bernoulli(0, params.p), None
+
+    def matrix(self, values: None, h: np.ndarray, w: np.ndarray, oh: np.ndarray, ow: np.ndarray) -> np.ndarray:
+        m = identity_matrices(h.size)
+        row = 1 - self.axis  # x is the matrix's row 0, y its row 1
+        m[:, row, row] = -1.0
+        m[:, row, 2] = (w if self.axis == 1 else h) - 1.0
+        return m
+
+    def reference(self, image: np.ndarray, values: None, n: int, params: Any) -> Any:
+        return fgeometric.hflip(image) if self.axis == 1 else fgeometric.vflip(image)
+
+
+class UniformAffine(GeometricTransform[Scalars]):
+    """An affine step drawing one value per sample, uniform on the params field `range_field`, with
+    probability p; strength moves the value linearly toward `identity` (subclasses may override)."""
+
+    resampling = Resampling.AFFINE
+    range_field: ClassVar[str]
+    identity: ClassVar[float]
+
+    def draw_values(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray
+                    ) -> tuple[np.ndarray, Scalars]:
+        lo, hi = getattr(params, self.range_field)
+        return d.bernoulli(0, params.p), Scalars(d.uniform(1, lo, hi))
+
+    def at_strength(self, apply: np.ndarray, values: Scalars, strength: np.ndarray, params: Any,
+                    heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, Scalars]:
+        return apply & (strength > 0), Scalars(self.scaled(values.value, strength))
+
+    def scaled(self, drawn: np.ndarray, strength: np.ndarray) -> np.ndarray:
+        return toward(drawn, self.identity, strength)
+
+
+class WholeImageResize(GeometricTransform[None]):
+    """A deterministic resize of the whole image to `output_size` (bilinear, pixel centres as
+    cv2.resize); the reference resizes with albumentations to the same size."""
+
+    resampling = Resampling.SIZE
+
+    def draw_values(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray
+                    ) -> tuple[np.ndarray, None]:
+        return self.always(d), None
+
+    def matrix(self, values: None, h: np.ndarray, w: np.ndarray, oh: np.ndarray, ow: np.ndarray) -> np.ndarray:
+        zero = np.zeros(h.size)
+        return crop_resize_matrices(zero, zero, w, h, oh, ow)
+
+    def reference(self, image: np.ndarray, values: None, n: int, params: Any) -> Any:
+        oh, ow = self.output_size(params, np.array([image.shape[0]]), np.array([image.shape[1]]))
+        return fgeometric.resize(image, (int(oh[0]), int(ow[0])), cv2.INTER_LINEAR)
 
 
 class ColorTransform(Transform[V]):

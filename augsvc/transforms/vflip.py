@@ -1,32 +1,7 @@
-"""`vflip`: mirror top-bottom with probability p (exact: whole pixels move)."""
+"""`vflip`: mirror top-bottom with probability p (exact: whole pixels move). No magnitude."""
 
 from __future__ import annotations
 
-from typing import Any
+from .base import Mirror
 
-import numpy as np
-
-from .._albumentations import fgeometric
-from ..rng import Draws
-from .base import GeometricTransform, Resampling, identity_matrices
-
-
-class VFlip(GeometricTransform[None]):
-    name = "vflip"
-    resampling = Resampling.EXACT
-
-    def draw_values(self, params: Any, d: Draws, heights: np.ndarray, widths: np.ndarray
-                    ) -> tuple[np.ndarray, None]:
-        return d.bernoulli(0, params.p), None
-
-    def matrix(self, values: None, h: np.ndarray, w: np.ndarray, oh: np.ndarray, ow: np.ndarray) -> np.ndarray:
-        m = identity_matrices(h.size)
-        m[:, 1, 1] = -1.0
-        m[:, 1, 2] = h - 1.0
-        return m
-
-    def reference(self, image: np.ndarray, values: None, n: int, params: Any) -> Any:
-        return fgeometric.vflip(image)
-
-
-TRANSFORM = VFlip()
+TRANSFORM = Mirror("vflip", axis=0)

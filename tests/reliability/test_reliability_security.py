@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,13 +94,15 @@ def creds(
 
 
 def assert_refused(target: str, credentials: grpc.ChannelCredentials | None) -> None:
-    """Every call on this channel fails at the transport: UNAVAILABLE, no reply."""
+    """Every call on this channel fails at the transport: UNAVAILABLE, no reply. (The refusal
+    comes as soon as the handshake fails; TIMEOUT only keeps a slow machine from turning it into
+    DEADLINE_EXCEEDED.)"""
     with channel(target, credentials) as ch:
         stub = pb_grpc.AugmenterStub(ch)
         for call in (
-            lambda: stub.GetServerInfo(pb.ServerInfoRequest(), timeout=5),
-            lambda: stub.Augment(good_request(), timeout=5),
-            lambda: list(stub.StreamBatches(pb.StreamBatchesRequest(dataset="digits"), timeout=5)),
+            lambda: stub.GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT),
+            lambda: stub.Augment(good_request(), timeout=TIMEOUT),
+            lambda: list(stub.StreamBatches(pb.StreamBatchesRequest(dataset="digits"), timeout=TIMEOUT)),
         ):
             with pytest.raises(grpc.RpcError) as info:
                 call()
@@ -223,11 +224,11 @@ def call_raw(ch: grpc.Channel, method: str, body: bytes, metadata: tuple[tuple[s
     kind, _ = RPCS[method]
     path = f"/augsvc.v1.Augmenter/{method}"
     if kind == "unary_unary":
-        ch.unary_unary(path)(body, timeout=10, metadata=metadata)
+        ch.unary_unary(path)(body, timeout=TIMEOUT, metadata=metadata)
     elif kind == "unary_stream":
-        list(ch.unary_stream(path)(body, timeout=10, metadata=metadata))
+        list(ch.unary_stream(path)(body, timeout=TIMEOUT, metadata=metadata))
     else:
-        list(ch.stream_stream(path)(iter([body]), timeout=10, metadata=metadata))
+        list(ch.stream_stream(path)(iter([body]), timeout=TIMEOUT, metadata=metadata))
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +278,7 @@ def test_the_right_token_works_and_health_needs_none(
     assert seen == [f"Bearer {TOKEN}".encode()]
     assert server.pool.stats()["completed"] == completed + 1
     with channel(target) as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -359,7 +360,7 @@ def test_a_path_as_dataset_name_is_not_found(plain_server: tuple[AugmentServer, 
     before = work(server)
     request = pb.StreamBatchesRequest(dataset=name, spec=SPEC.to_proto(), batch_size=8, end=1)
     with channel(target) as ch, pytest.raises(grpc.RpcError) as info:
-        list(pb_grpc.AugmenterStub(ch).StreamBatches(request, timeout=10))
+        list(pb_grpc.AugmenterStub(ch).StreamBatches(request, timeout=TIMEOUT))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
     assert work(server) == before
 
@@ -375,7 +376,7 @@ def test_a_path_in_other_string_fields_is_invalid(
     else:
         request.backend = value
     with channel(target) as ch, pytest.raises(grpc.RpcError) as info:
-        pb_grpc.AugmenterStub(ch).Augment(request, timeout=10)
+        pb_grpc.AugmenterStub(ch).Augment(request, timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
 
 
@@ -390,7 +391,6 @@ def test_a_path_in_other_string_fields_is_invalid(
 def test_cli_refuses_plaintext_beyond_loopback_configured_by_environment(env: dict[str, str]) -> None:
     """Containers configure `augsvc serve` through AUGSVC_* variables (tests/test_security.py checks
     the --host flag in-process); the refusal holds there too, before anything starts."""
-    started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "augsvc.cli", "serve", "--port", "0", "--workers", "1"],
         stdout=subprocess.PIPE,
@@ -400,7 +400,7 @@ def test_cli_refuses_plaintext_beyond_loopback_configured_by_environment(env: di
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)  # a bound for a hung process only
     finally:
         if proc.poll() is None:  # it started after all: stop it at once
             os.killpg(proc.pid, signal.SIGKILL)
@@ -408,7 +408,6 @@ def test_cli_refuses_plaintext_beyond_loopback_configured_by_environment(env: di
     assert proc.returncode == 2, (out, err)
     assert '"event": "ready"' not in out
     assert "is not loopback" in err and "--insecure" in err, err
-    assert time.monotonic() - started < 60
 
 
 # -- limits against a client that lies about sizes -------------------------------------------------
@@ -437,11 +436,11 @@ def test_a_lying_tensor_is_refused_without_allocating(
     before = work(server)
     with channel(target) as ch:
         stub = pb_grpc.AugmenterStub(ch)
-        stub.GetServerInfo(pb.ServerInfoRequest(), timeout=10)  # connected before the measurement
+        stub.GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT)  # connected before the measurement
         tracemalloc.start()
         try:
             with pytest.raises(grpc.RpcError) as info:
-                stub.Augment(request, timeout=10)
+                stub.Augment(request, timeout=TIMEOUT)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

@@ -1,0 +1,153 @@
+"""The strength controller (ADA's sign rule on the clean gap) with scripted gaps, its checkpoint,
+the --augment-strength schedules, the clean-gap measurement, and the study's --quick run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trainer_client.adaptive import (
+    ClassGaps,
+    ControllerSettings,
+    StrengthController,
+    clean_gaps,
+    parse_strength,
+    stratified_subset,
+)
+from trainer_client.study import study_split
+
+
+def gaps(overall: float, per_class: list[float] | None = None) -> ClassGaps:
+    return ClassGaps(overall, np.asarray(per_class if per_class is not None else [overall]))
+
+
+def test_moves_up_on_a_widening_gap_and_down_on_a_negative_one() -> None:
+    c = StrengthController(ControllerSettings(target=0.1, step=0.05, start=0.3))
+    seen = [float(c.update(gaps(g), step)[0]) for step, g in enumerate([0.2, 0.4, 0.8, -0.1, -0.3, 0.1])]
+    # above the target: up a step each time; below: down; exactly at it: stays
+    assert seen == pytest.approx([0.35, 0.40, 0.45, 0.40, 0.35, 0.35])
+    assert [h[0] for h in c.history] == [0, 1, 2, 3, 4, 5] and c.global_strength == pytest.approx(0.35)
+
+
+def test_clamps_to_zero_and_one() -> None:
+    c = StrengthController(ControllerSettings(target=0.0, step=0.4, start=0.9))
+    assert float(c.update(gaps(1.0))[0]) == 1.0 and float(c.update(gaps(1.0))[0]) == 1.0
+    for _ in range(5):
+        c.update(gaps(-1.0))
+    assert float(c.strength[0]) == 0.0
+
+
+def test_per_class_mode_moves_each_class_by_its_own_gap() -> None:
+    c = StrengthController(ControllerSettings(target=0.1, step=0.1, start=0.5, per_class=True), num_classes=3)
+    c.update(gaps(0.2, [0.5, 0.0, float("nan")]))
+    assert c.class_strength == pytest.approx([0.6, 0.4, 0.5])  # a class without images holds
+    assert c.global_strength == 1.0  # the classes carry the strength
+    with pytest.raises(ValueError, match="gaps"):
+        c.update(gaps(0.2, [0.5, 0.0]))
+
+
+def test_resumes_exactly_from_its_checkpoint() -> None:
+    settings = ControllerSettings(target=0.1, step=0.07, start=0.2, per_class=True)
+    script = [list(np.random.default_rng(k).normal(0.1, 0.3, 4)) for k in range(12)]
+    whole = StrengthController(settings, 4)
+    for k, g in enumerate(script):
+        whole.update(gaps(float(np.mean(g)), g), k)
+    first = StrengthController(settings, 4)
+    for k, g in enumerate(script[:5]):
+        first.update(gaps(float(np.mean(g)), g), k)
+    state = json.loads(json.dumps(first.state_dict()))  # through a checkpoint file's round trip
+    resumed = StrengthController(settings, 4)
+    resumed.load_state_dict(state)
+    for k, g in enumerate(script[5:], start=5):
+        resumed.update(gaps(float(np.mean(g)), g), k)
+    np.testing.assert_array_equal(resumed.strength, whole.strength)
+    assert resumed.history == whole.history
+    with pytest.raises(ValueError, match="settings"):
+        StrengthController(ControllerSettings(target=0.2), 4).load_state_dict(state)
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"step": 0.0}, "step"), ({"start": 1.5}, "start"),
+                                           ({"gap": "f1"}, "gap"), ({"target": float("nan")}, "target")])
+def test_settings_are_validated(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ControllerSettings(**kw)  # type: ignore[arg-type]
+
+
+def test_augment_strength_schedules() -> None:
+    assert parse_strength("adaptive").kind == "adaptive"
+    ramp = parse_strength("ramp")
+    assert [ramp.at(p) for p in (0.0, 0.25, 1.0, 2.0)] == [0.0, 0.25, 1.0, 1.0]
+    fixed = parse_strength("0.4")
+    assert fixed.kind == "fixed" and fixed.at(0.0) == fixed.at(1.0) == 0.4
+    for bad in ("1.5", "strong"):
+        with pytest.raises(ValueError, match="--augment-strength"):
+            parse_strength(bad)
+
+
+class _Memorizer(nn.Module):
+    """Right on images whose first pixel is even, wrong on the others: a known gap."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        labels = images[:, 0, 0, 1].long()
+        logits = torch.full((len(images), 2), -4.0)
+        right = images[:, 0, 0, 0] % 2 == 0
+        logits[torch.arange(len(images)), torch.where(right, labels, 1 - labels)] = 4.0
+        return logits
+
+
+def test_clean_gaps_measure_train_against_validation() -> None:
+    def data(labels: list[int], even: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.zeros((len(labels), 1, 1, 2), dtype=torch.uint8)
+        x[:, 0, 0, 0] = torch.tensor([0 if e else 1 for e in even], dtype=torch.uint8)
+        x[:, 0, 0, 1] = torch.tensor(labels, dtype=torch.uint8)
+        return x, torch.tensor(labels)
+
+    model = _Memorizer()
+    model.register_parameter("p", nn.Parameter(torch.zeros(1)))
+    train = data([0, 0, 1, 1], [True, True, True, True])
+    val = data([0, 0, 1, 1], [True, False, False, False])  # class 0: 1 of 2 right, class 1: none
+    acc = clean_gaps(model, train, val, num_classes=2, gap="acc")
+    assert acc.overall == pytest.approx(1.0 - 0.25) and list(acc.per_class) == pytest.approx([0.5, 1.0])
+    loss = clean_gaps(model, train, val, num_classes=2, gap="loss")
+    assert loss.overall > 0 and loss.per_class[1] > loss.per_class[0] > 0
+
+
+def test_study_split_is_nested_and_disjoint() -> None:
+    labels = np.repeat(np.arange(10), 150)
+    split = study_split(labels, (10, 30, 100), 20, seed=3)
+    assert set(split.train[10]) < set(split.train[30]) < set(split.train[100])
+    assert not set(split.val) & set(split.test) and not set(split.train[100]) & (set(split.val) | set(split.test))
+    assert len(split.val) == 200 and len(split.test) == 10 * (150 - 120)
+    for n, ids in split.train.items():
+        assert np.bincount(labels[ids]).tolist() == [n] * 10
+    assert np.array_equal(study_split(labels, (10, 30, 100), 20, seed=3).test, split.test)
+    picked = stratified_subset(labels[split.train[100]], 20, seed=0)
+    assert np.bincount(labels[split.train[100]][picked]).tolist() == [20] * 10
+
+
+def test_quick_study_runs_every_arm_through_a_served_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "-m", "trainer_client.study", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert sorted(r["arm"] for r in runs) == sorted(["fixed 0.00", "fixed 0.25", "fixed 0.50", "fixed 0.75",
+                                                     "fixed 1.00", "ramp", "adaptive", "adaptive per class"])
+    assert all(r["steps"] == 16 for r in runs)
+    ramp = next(r for r in runs if r["arm"] == "ramp")
+    assert ramp["trace"][0][1] == 0.0 and ramp["trace"][-1][1] > 0.5  # the ramp rose
+    adaptive = next(r for r in runs if r["arm"] == "adaptive")
+    assert len(adaptive["trace"]) > 2  # the controller updated within the run
+    summary = json.loads((out / "study.json").read_text())
+    assert "adaptive" in summary["sizes"]["10"]["paired"] and (out / "study.png").stat().st_size > 0
+    # a second invocation resumes: nothing left to run
+    again = subprocess.run([sys.executable, "-m", "trainer_client.study", "--quick", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "seed 0 size 10" not in again.stdout

@@ -1,0 +1,201 @@
+"""Augmentation strength that follows the overfitting signal.
+
+`StrengthController` is StyleGAN2-ADA's rule (Karras et al. 2020) for a classifier: after each
+measurement of the *clean* generalization gap — the model in eval mode on a fixed subset of
+un-augmented training images against the validation set — the strength s moves by a fixed
+`step` toward keeping the gap at `target` (up when the gap is wider, down when narrower), and
+stays in [0, 1]. Measuring on clean images matters: accuracy on *augmented* training batches
+falls as s rises even without overfitting, which would push s down for the wrong reason.
+
+`per_class=True` keeps one s per class from per-class gaps (a class that overfits gets stronger
+augmentation, one that underfits weaker), sent as `class_strength` with a global strength of 1.
+`schedule` makes the other two modes of `augsvc-train --augment-strength`: a fixed value, or a
+linear ramp 0 -> 1 over the run. A controller's state (s and its history) is part of a
+checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClassGaps", "ControllerSettings", "StrengthController", "StrengthSchedule", "clean_gaps",
+           "parse_strength", "stratified_subset"]
+
+GAP_METRICS = ("loss", "ratio", "acc")
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """The controller's knobs. gap: which gap it watches, on clean images in eval mode ("loss":
+    val loss - train loss; "ratio": the share of the validation loss that the training loss does
+    not have, 1 - train loss / val loss, bounded above by 1 whatever the data size; "acc": train
+    accuracy - val accuracy); target: the gap it keeps; step: how far s moves per update; start:
+    s before the first update."""
+
+    target: float = 0.1
+    step: float = 0.05
+    start: float = 0.0
+    gap: str = "loss"
+    per_class: bool = False
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("target", math.isfinite(self.target), "a finite number"),
+            ("step", 0.0 < self.step <= 1.0, "a value in (0, 1]"),
+            ("start", 0.0 <= self.start <= 1.0, "a value in [0, 1]"),
+            ("gap", self.gap in GAP_METRICS, f"one of {GAP_METRICS}"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; expected {allowed}")
+
+
+@dataclass(frozen=True)
+class ClassGaps:
+    """One measurement: the overall gap and one per class (NaN where a class has no images)."""
+
+    overall: float
+    per_class: np.ndarray
+
+
+class StrengthController:
+    """ADA's sign rule on the clean train-val gap; see the module docstring."""
+
+    def __init__(self, settings: ControllerSettings, num_classes: int = 1) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes: {num_classes} is not allowed; expected >= 1")
+        self.settings = settings
+        self.num_classes = num_classes
+        size = num_classes if settings.per_class else 1
+        self.strength = np.full(size, settings.start, np.float64)
+        #: (step, gap, strength after the update) per update.
+        self.history: list[tuple[int, float, list[float]]] = []
+
+    @property
+    def global_strength(self) -> float:
+        """The strength to send as the spec's (1 in per-class mode: the classes carry it)."""
+        return 1.0 if self.settings.per_class else float(self.strength[0])
+
+    @property
+    def class_strength(self) -> list[float] | None:
+        return [float(v) for v in self.strength] if self.settings.per_class else None
+
+    def update(self, gaps: ClassGaps, step: int = 0) -> np.ndarray:
+        """Move s one step toward keeping the gap at the target; returns the new strength(s)."""
+        s = self.settings
+        observed = gaps.per_class if s.per_class else np.array([gaps.overall])
+        if observed.shape != self.strength.shape:
+            raise ValueError(f"gaps: {observed.shape[0]} values for a controller of {self.strength.size}")
+        direction = np.sign(np.nan_to_num(observed - s.target, nan=0.0))  # no images of a class: hold
+        self.strength = np.clip(self.strength + s.step * direction, 0.0, 1.0)
+        self.history.append((step, float(gaps.overall), [float(v) for v in self.strength]))
+        return self.strength.copy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strength": self.strength.tolist(), "history": [list(h) for h in self.history],
+                "settings": self.settings.__dict__.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("settings", self.settings.__dict__) != self.settings.__dict__:
+            raise ValueError(f"state_dict: controller settings {state['settings']} do not match "
+                             f"{self.settings.__dict__}")
+        strength = np.asarray(state["strength"], np.float64)
+        if strength.shape != self.strength.shape:
+            raise ValueError(f"state_dict: {strength.size} strengths for a controller of {self.strength.size}")
+        self.strength = strength
+        self.history = [(int(h[0]), float(h[1]), [float(v) for v in h[2]]) for h in state["history"]]
+
+
+@dataclass(frozen=True)
+class StrengthSchedule:
+    """`--augment-strength`: "adaptive" (a controller), a fixed FLOAT, or "ramp" (0 -> 1 linearly)."""
+
+    kind: str                      # "fixed" | "ramp" | "adaptive"
+    value: float = 1.0             # fixed: the strength
+
+    def at(self, progress: float) -> float:
+        """The scheduled strength at `progress` (0 at the start of training, 1 at its end)."""
+        if self.kind == "ramp":
+            return float(min(1.0, max(0.0, progress)))
+        return self.value
+
+
+def parse_strength(text: str) -> StrengthSchedule:
+    """`adaptive`, `ramp`, or a number in [0, 1]."""
+    if text in ("adaptive", "ramp"):
+        return StrengthSchedule(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--augment-strength: {text!r} is not allowed; expected adaptive, ramp or a number "
+                         "in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--augment-strength: {value} is outside [0, 1]")
+    return StrengthSchedule("fixed", value)
+
+
+@dataclass
+class _Sums:
+    loss: np.ndarray
+    correct: np.ndarray
+    count: np.ndarray
+
+
+@torch.no_grad()
+def _per_class(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+               device: torch.device, batch_size: int = 512) -> _Sums:
+    loss = np.zeros(num_classes)
+    correct = np.zeros(num_classes)
+    count = np.zeros(num_classes)
+    for i in range(0, len(labels), batch_size):
+        x = images[i:i + batch_size].to(device)
+        y = labels[i:i + batch_size].to(device)
+        logits = model(x)
+        ce = F.cross_entropy(logits, y, reduction="none").cpu().numpy()
+        hit = (logits.argmax(1) == y).cpu().numpy()
+        yy = y.cpu().numpy()
+        np.add.at(loss, yy, ce)
+        np.add.at(correct, yy, hit)
+        np.add.at(count, yy, 1)
+    return _Sums(loss, correct, count)
+
+
+def clean_gaps(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+               *, num_classes: int, gap: str = "loss", device: torch.device | None = None) -> ClassGaps:
+    """The generalization gap of `model` in eval mode: clean training images `train` against the
+    validation set `val` (each (uint8 images, labels)), overall and per class."""
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        t = _per_class(model, *train, num_classes, device)
+        v = _per_class(model, *val, num_classes, device)
+    finally:
+        model.train(was_training)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if gap == "loss":
+            per_class = v.loss / v.count - t.loss / t.count
+            overall = v.loss.sum() / v.count.sum() - t.loss.sum() / t.count.sum()
+        elif gap == "ratio":
+            per_class = 1.0 - (t.loss / t.count) / (v.loss / v.count)
+            overall = 1.0 - (t.loss.sum() / t.count.sum()) / (v.loss.sum() / v.count.sum())
+        else:
+            per_class = t.correct / t.count - v.correct / v.count
+            overall = t.correct.sum() / t.count.sum() - v.correct.sum() / v.count.sum()
+    return ClassGaps(float(overall), per_class)
+
+
+def stratified_subset(labels: Sequence[int] | np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Positions into `labels`: at most `per_class` of each class, drawn from `seed` (sorted)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
