@@ -107,26 +107,22 @@ def test_resume_from_state_dict(servers: list[str], digits: np.ndarray) -> None:
         assert torch.equal(x, fx) and torch.equal(ids, fids)
 
 
-def test_state_dict_rejects_another_stream(servers: list[str]) -> None:
-    with AugmentClient(servers[0]) as client:
-        a = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
-        b = AugmentedStream(client, "digits", SPEC, batch_size=32, seed=SEED)
-        with pytest.raises(ValueError, match="batch_size"):
-            b.load_state_dict(a.state_dict())
-
-
 def test_two_ranks_cover_the_epoch_exactly_once(servers: list[str], digits: np.ndarray) -> None:
+    """29 batches over 2 ranks: 15 each; rank 1's last is batch 0 again, marked as padding."""
     with AugmentClient(servers) as client:
         full = collect(AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=1))
-        ranks = [collect(AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=1,
-                                         rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) + len(ranks[1]) == len(full)
+        streams = [AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=1, rank=r,
+                                   world_size=2, with_mask=True) for r in range(2)]
+        ranks = [[tuple(t.clone() for t in b) for b in s] for s in streams]
+    assert len(full) == 29 and [len(s) for s in streams] == [15, 15] and [len(r) for r in ranks] == [15, 15]
+    assert [s.real_batches for s in streams] == [15, 14]
     for r in range(2):
-        for j, (x, _, ids) in enumerate(ranks[r]):
-            fx, _, fids = full[r + 2 * j]
+        for j, (x, _, ids, real) in enumerate(ranks[r]):
+            fx, _, fids = full[(r + 2 * j) % 29]
             assert torch.equal(x, fx) and torch.equal(ids, fids)
-    ids = torch.cat([b[2] for rank in ranks for b in rank]).sort().values
-    assert torch.equal(ids, torch.arange(1797))
+            assert bool(real.all()) == (r + 2 * j < 29) and bool(real.any()) == (r + 2 * j < 29)
+    ids = torch.cat([b[2][b[3]] for rank in ranks for b in rank]).sort().values
+    assert torch.equal(ids, torch.arange(1797)), "the un-padded samples are the epoch, each once"
 
 
 def test_subset_population_and_epochs_differ(servers: list[str], digits: np.ndarray) -> None:

@@ -1,8 +1,16 @@
 """`augsvc-train`: train the regularized CNN on batches streamed from augsvc.
 
 Without --server it starts an embedded local augsvc (a subprocess on a unix socket) serving the
-built-in digits, which is what `make demo` runs. `--experiment regularization` runs the four
-configurations x 3 seeds study on a small training subset.
+built-in digits, which is what `make demo` runs; under torchrun, local rank 0 of each node starts
+it and the node's other ranks find it through the process group. Any served dataset works
+(`--dataset`, `--spec`): validation streams through the deterministic eval pipeline in batches
+the server accepts, and the model adapts to the data's channels, size and classes.
+
+Distributed: `torchrun --nproc_per_node N -m trainer_client.cli ...` (or `augsvc-train --nproc N`)
+trains with DistributedDataParallel (gloo on CPU, nccl on GPUs); rank 0 prints and writes.
+`--checkpoint-every S` and `--resume out/checkpoint.pt` continue a run exactly where it stopped.
+`--experiment regularization` runs the four configurations x 3 seeds study on a small training
+subset.
 """
 
 from __future__ import annotations
@@ -10,62 +18,109 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
-from augsvc.spec import load_spec
+from augsvc.spec import Spec, load_spec
 
+from .checkpoint import gather_objects, load_checkpoint
 from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
+from .served_data import (
+    MAX_VAL_BATCH,
+    ImageFormat,
+    check_batch_fits,
+    eval_spec,
+    probe_format,
+    random_split,
+    validation_stream,
+)
 from .stream import AugmentedStream
-from .train import TrainConfig, fit
+from .train import Callback, TrainConfig, fit, resolve_device
+from .world import World
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "augsvc" / "examples" / "digits.yaml"
 
 
-def identity_spec(spec: Any) -> dict[str, Any]:
-    """Un-augmented view of the data with the same output size as `spec` (for validation)."""
-    size = load_spec(spec).output_size
-    return {"transforms": [{"resize": {"height": size[0], "width": size[1]}}] if size else []}
-
-
-def fetch_all(client: AugmentClient, dataset: str, spec: Any, ids: np.ndarray, batch_size: int = 512
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of `ids` through `spec`, in id order, as (uint8 [N,C,H,W], int64 [N])."""
-    stream = AugmentedStream(client, dataset, spec, batch_size=batch_size, seed=0, shuffle=False,
-                             sample_ids=ids)
-    xs, ys = zip(*[(x, y) for x, y, _ in stream], strict=True)
-    return torch.cat(xs), torch.cat(ys)
-
-
-def random_split(n: int, n_val: int, seed: int, n_train: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    val = np.sort(perm[:n_val])
-    train = np.sort(perm[n_val:] if n_train is None else perm[n_val:n_val + n_train])
-    return train, val
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    """print() for ranks other than 0."""
 
 
 @contextlib.contextmanager
-def connect(args: argparse.Namespace) -> Iterator[AugmentClient]:
+def process_group(device: str) -> Iterator[World]:
+    """Under a launcher that set WORLD_SIZE > 1 (torchrun), the default process group for this run
+    (nccl when training on CUDA, else gloo), destroyed at the end; else nothing to set up. SIGTERM
+    (which torchrun sends when a rank fails) ends the process through SystemExit, so that an
+    embedded server is stopped on the way out."""
+    world = World.discover()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if world.world_size == 1 or dist.is_initialized():
+            yield world
+            return
+        cuda = resolve_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            yield World.discover()
+        finally:
+            dist.destroy_process_group()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def device_for(name: str, world: World) -> str:
+    """--device for this rank: "auto" is cuda:LOCAL_RANK when CUDA is there, else cpu; "cuda"
+    is cuda:LOCAL_RANK (one GPU per rank of a node)."""
+    if name == "auto":
+        return f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{world.local_rank}" if name == "cuda" else name
+
+
+@contextlib.contextmanager
+def connect(args: argparse.Namespace, world: World | None = None) -> Iterator[AugmentClient]:
+    """A client of --server, or of an embedded server: one per node, started by the node's local
+    rank 0; the other ranks learn its address from the process group (all_gather_object)."""
+    world = world or World()
     if args.server:
         tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key) if (args.tls_ca or args.tls_cert) else None
         token = Path(args.token_file).read_text().strip() if args.token_file else None
         with AugmentClient(args.server, tls=tls, token=token) as client:
             yield client
         return
-    started = time.perf_counter()
-    with EmbeddedServer(workers=args.workers) as server:
-        print(f"embedded augsvc on {server.target} ({server.workers} workers, "
-              f"ready in {time.perf_counter() - started:.1f}s)", flush=True)
-        with AugmentClient(server.target) as client:
+    with contextlib.ExitStack() as stack:
+        target = None
+        if world.is_local_main:
+            started = time.perf_counter()
+            server = stack.enter_context(EmbeddedServer(workers=args.workers))
+            target = server.target
+            if world.is_main:
+                print(f"embedded augsvc on {server.target} ({server.workers} workers, "
+                      f"ready in {time.perf_counter() - started:.1f}s)", flush=True)
+        if world.distributed:
+            targets = dict(t for t in gather_objects((world.node, target), world) if t[1] is not None)
+            target = targets[world.node]
+        if target is None:
+            raise RuntimeError(f"rank {world.rank}: no embedded server for node {world.node}, and no --server")
+        with AugmentClient(target) as client:
             yield client
+        if world.distributed:
+            dist.barrier()  # every rank is done with the node's server before it stops
 
 
 def describe_shape(info: DatasetInfo) -> str:
@@ -73,39 +128,75 @@ def describe_shape(info: DatasetInfo) -> str:
     return "x".join(map(str, info.image_shape)) if info.image_shape else "sizes vary"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def image_format(client: AugmentClient, dataset: str, spec: Spec, info: DatasetInfo, sample_id: int) -> ImageFormat:
+    """Channels and size of what the model sees: from the dataset and spec, or one probed image."""
+    size = spec.output_size_for((info.image_shape[0], info.image_shape[1]) if info.image_shape else None)
+    if info.image_shape and size:
+        return ImageFormat(info.image_shape[2], size[0], size[1])
+    return probe_format(client, dataset, spec, sample_id)
+
+
+def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     spec = load_spec(args.spec)
-    with connect(args) as client:
+    with process_group(args.device) as world, connect(args, world) as client:
+        say: Callable[..., None] = print if world.is_main else _quiet
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
         info = client.dataset_info(args.dataset)
         n = info.num_samples
         train_ids, val_ids = random_split(n, int(round(n * args.val_fraction)), args.seed, args.train_size)
-        print(f"dataset {args.dataset}: {n} images {describe_shape(info)}, "
-              f"{info.num_classes} classes; train {len(train_ids)} / val {len(val_ids)}", flush=True)
-        val = fetch_all(client, args.dataset, identity_spec(spec), val_ids)
+        val_spec = eval_spec(spec)
+        check_batch_fits(client.server_info(), spec, info, args.batch_size)
+        val_stream = validation_stream(client, args.dataset, val_spec, val_ids,
+                                       wanted_batch=min(MAX_VAL_BATCH, 2 * args.batch_size))
+        fmt = image_format(client, args.dataset, val_spec, info, int(val_ids[0]))
+        say(f"dataset {args.dataset}: {n} images {describe_shape(info)}, {info.num_classes} classes; "
+            f"train {len(train_ids)} / val {len(val_ids)} (val batches of {val_stream.batch_size}, "
+            f"{fmt.channels}x{fmt.height}x{fmt.width}); {world.world_size} rank(s)", flush=True)
         stream = AugmentedStream(client, args.dataset, spec, batch_size=args.batch_size, seed=args.seed,
-                                 sample_ids=train_ids, prefetch=args.prefetch)
+                                 sample_ids=train_ids, prefetch=args.prefetch, with_mask=True)
 
         def train_epoch(epoch: int) -> AugmentedStream:
             stream.set_epoch(epoch)
             return stream
 
-        model = RegularizedCNN(val[0].shape[1], info.num_classes, width=args.width, depth=args.depth,
-                               dropout=args.dropout, batch_norm=not args.no_batch_norm, seed=args.seed)
+        model = RegularizedCNN(fmt.channels, info.num_classes, width=args.width, depth=args.depth,
+                               dropout=args.dropout, batch_norm=not args.no_batch_norm, seed=args.seed,
+                               stem=RegularizedCNN.stem_for(fmt.height, fmt.width))
         config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, l1=args.l1,
                              label_smoothing=args.label_smoothing, patience=args.patience, out_dir=out,
-                             progress=not args.no_progress, seed=args.seed, device=args.device)
-        (out / "spec.yaml").write_text(spec.to_yaml())
-        history = fit(model, train_epoch, val, config)
+                             progress=not args.no_progress, seed=args.seed, device=device_for(args.device, world),
+                             checkpoint_every=args.checkpoint_every)
+        hooks = list(callbacks)
+        if args.tensorboard and world.is_main:
+            from .tensorboard_log import TensorBoardCallback
+
+            hooks.append(TensorBoardCallback(args.tensorboard, images_every=args.tb_images_every,
+                                             purge_step=_first_epoch(args.resume)))
+        if world.is_main:
+            (out / "spec.yaml").write_text(spec.to_yaml())
+        with stream, val_stream:
+            history = fit(model, train_epoch, lambda: val_stream, config, world=world, data=stream,
+                          callbacks=hooks, resume=args.resume)
+    if not world.is_main:
+        return 0
     best = history.best
     summary = {"best_epoch": history.best_epoch, "best_val_acc": best["val_acc"],
                "best_val_loss": best["val_loss"], "stopped_early": history.stopped_early,
-               "warnings": history.warnings, "out": str(out)}
+               "warnings": history.warnings, "world_size": world.world_size, "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"best epoch {history.best_epoch}: val acc {100 * best['val_acc']:.1f}% "
           f"(val loss {best['val_loss']:.4f}); outputs in {out}/", flush=True)
     return 0
+
+
+def _first_epoch(resume: str | None) -> int | None:
+    """The first epoch a run resumed from checkpoint `resume` writes (None: a new run)."""
+    if resume is None:
+        return None
+    run = load_checkpoint(Path(resume))["run"]
+    return int(run["epoch"]) + int(bool(run["epoch_done"]))
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -120,10 +211,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             train_ids, val_ids = digits_split(args.exp_train, args.exp_val, seed=0)
         else:
             train_ids, val_ids = random_split(n, args.exp_val, 0, args.exp_train)
-        val = fetch_all(client, args.dataset, identity_spec(spec), val_ids)
+        plain = eval_spec(spec)
+        val_stream = validation_stream(client, args.dataset, plain, val_ids)
 
         def make_train_epoch(augment: bool, seed: int) -> Any:
-            stream = AugmentedStream(client, args.dataset, spec if augment else identity_spec(spec),
+            stream = AugmentedStream(client, args.dataset, spec if augment else plain,
                                      batch_size=args.exp_batch_size, seed=seed, sample_ids=train_ids)
 
             def train_epoch(epoch: int) -> AugmentedStream:
@@ -136,13 +228,35 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 f"{len(val_ids)} validation images, batch size {args.exp_batch_size}; training batches streamed "
                 f"from augsvc (AugmentedStream) with `{spec.to_dict()}`.")
         print(note, flush=True)
-        run_regularization_experiment(make_train_epoch, val, out_dir=out, seeds=tuple(args.seeds), data_note=note,
-                                      depth=args.exp_depth, width=args.exp_width)
+        run_regularization_experiment(make_train_epoch, lambda: val_stream, out_dir=out, seeds=tuple(args.seeds),
+                                      data_note=note, depth=args.exp_depth, width=args.exp_width)
     print(f"wrote {out}/regularization.md and {out}/regularization.png")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """`augsvc-train --nproc N ARGS`: ARGS under torchrun on this node (torch.distributed.run
+    --standalone), N ranks; returns torchrun's exit status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "trainer_client.cli", *argv]
+    return subprocess.run(command, check=False).returncode
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return rest
+
+
+def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
+    """The command line; `callbacks` go to `fit` (for programs that drive a run)."""
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="augsvc-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="augsvc target(s): host:port, a comma list, unix:/path or dns:///name:port "
@@ -169,7 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--train-size", type=int, default=None, help="use only this many training images")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train with N ranks on this node (runs this command under torchrun)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also write OUT/checkpoint.pt every STEPS steps inside an epoch (it is written at "
+                        "every epoch end)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue exactly from OUT/checkpoint.pt of a run")
+    p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard scalars and sample grids to DIR "
+                                                        "(needs: pip install 'augsvc[tensorboard]')")
+    p.add_argument("--tb-images-every", type=int, default=5, metavar="EPOCHS",
+                   help="TensorBoard: a grid of augmented training images every EPOCHS epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--experiment", choices=["regularization"], help="run a study instead of one training")
@@ -181,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exp-width", type=int, default=32, help="experiment: channels of the first block")
     args = p.parse_args(argv)
     args.spec_given = args.spec != str(DEFAULT_SPEC)
+    if args.nproc is not None and "RANK" not in os.environ:
+        if args.nproc < 1:
+            p.error(f"--nproc: {args.nproc} is not allowed; expected >= 1")
+        return launch(args.nproc, _without_nproc(argv))
     if args.experiment == "regularization":
         return cmd_experiment(args)
-    return cmd_train(args)
+    return cmd_train(args, callbacks)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
-def _per_channel(name: str, values: Sequence[float], in_channels: int) -> torch.Tensor:
-    vals = [float(v) for v in values]
-    if len(vals) == 1:
-        vals = vals * in_channels
-    if len(vals) != in_channels:
-        raise ValueError(f"{name}: expected 1 or in_channels={in_channels} values, got {len(vals)}")
-    if name == "std" and any(v <= 0 for v in vals):
-        raise ValueError(f"std: every value must be > 0, got {vals}")
-    return torch.tensor(vals, dtype=torch.float32).view(1, in_channels, 1, 1)
+from .device import channel_stats, normalize_uint8
 
 
 class RegularizedCNN(nn.Module):
@@ -30,7 +21,8 @@ class RegularizedCNN(nn.Module):
 
     Block i is conv3x3 -> [BatchNorm] -> ReLU -> maxpool 2x2 (ceil mode, so odd and tiny sizes
     work) with `width * 2**min(i, 2)` channels. Then global average pooling, dropout and a
-    linear classifier, so any H, W works.
+    linear classifier, so any H, W works. `stem` stride-2 conv3x3 -> [BatchNorm] -> ReLU layers
+    before the blocks halve large images cheaply (`stem_for` picks how many for a size).
 
     mean, std: per-channel statistics in [0, 1] units (one value broadcasts to all channels).
     dropout: probability before the classifier (spatial dropout in the conv blocks cost more
@@ -44,7 +36,7 @@ class RegularizedCNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, *, width: int = 32, depth: int = 3,
                  dropout: float = 0.3, batch_norm: bool = True, mean: Sequence[float] = (0.5,),
-                 std: Sequence[float] = (0.5,), seed: int | None = None) -> None:
+                 std: Sequence[float] = (0.5,), seed: int | None = None, stem: int = 0) -> None:
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels: {in_channels} is not allowed; expected >= 1")
@@ -56,16 +48,24 @@ class RegularizedCNN(nn.Module):
             raise ValueError(f"depth: {depth} is not allowed; expected >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: {dropout} is outside [0, 1)")
+        if stem < 0:
+            raise ValueError(f"stem: {stem} is not allowed; expected >= 0")
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.register_buffer("mean", _per_channel("mean", mean, in_channels))
-        self.register_buffer("std", _per_channel("std", std, in_channels))
+        self.register_buffer("mean", channel_stats("mean", mean, in_channels))
+        self.register_buffer("std", channel_stats("std", std, in_channels))
 
         # nn.Conv2d/nn.Linear draw a default init from the global RNG when built; with a seed that
         # init is overwritten below anyway, so build inside a forked RNG and leave the caller's alone.
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             layers: list[nn.Module] = []
             channels = in_channels
+            for _ in range(stem):
+                layers.append(nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=not batch_norm))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU(inplace=True))
+                channels = width
             for i in range(depth):
                 out = width * 2 ** min(i, 2)
                 # With batch norm right after, a conv bias would be cancelled by the BN shift.
@@ -86,6 +86,14 @@ class RegularizedCNN(nn.Module):
         # channels_last: oneDNN convs run ~30% faster with it on CPU; it suits GPUs too.
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
+    @staticmethod
+    def stem_for(height: int, width: int, side: int = 64) -> int:
+        """Stride-2 stem layers that bring the shorter side of height x width down to `side` or less."""
+        shorter, layers = min(height, width), 0
+        while shorter > side:
+            shorter, layers = (shorter + 1) // 2, layers + 1
+        return layers
+
     def reset_parameters(self, seed: int | None = None) -> None:
         """Kaiming init for convs, default-scale init for the classifier, identity batch norm."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -103,12 +111,11 @@ class RegularizedCNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, C, H, W] -> normalized float32 (float input is taken as already in [0, 255])."""
+        """uint8 [N, C, H, W] -> normalized float32 (float input is taken as already in [0, 255]),
+        computed wherever the images are (on the GPU after a DeviceFeed hand-off)."""
         if images.dim() != 4 or images.shape[1] != self.in_channels:
             raise ValueError(f"images: expected [N, {self.in_channels}, H, W], got {tuple(images.shape)}")
-        x = images.to(dtype=torch.float32).div_(255.0) if images.dtype == torch.uint8 \
-            else images.float() / 255.0
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return normalize_uint8(images, self.mean, self.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.features(self.normalize(images)))

@@ -13,7 +13,7 @@ bytes for batch k of epoch e. A status that is not retryable, or a batch asked f
 augsvc error for that status.
 
 Shared memory: with a server on this host (a unix socket or loopback target), each StreamBatches
-call offers one shared-memory segment per batch (`_Segments`); the workers write the augmented
+call offers one shared-memory segment per batch (`SegmentPool`); the workers write the augmented
 pixels straight into them and the gRPC stream carries only labels, ids and shapes. The delivered
 tensor is a view of its segment, which goes back to the pool when the tensor is freed. Any batch a
 server cannot put there (another host, no access) arrives inline, so the result is the same.
@@ -21,39 +21,73 @@ server cannot put there (another host, no access) arrives inline, so the result 
 Images are delivered as [N, C, H, W] tensors in torch.channels_last memory format: a view of the
 NHWC pixels, which is what a CNN wants anyway (channels_last=False gives contiguous NCHW, at the
 cost of one transposing copy per batch).
+
+Several ranks (DESIGN contract 2): rank r of R takes positions k = r, r + R, ... of the epoch's
+plan, which is first made a multiple of R long, so every rank gets the same number of batches
+and no collective waits on a rank that ran out. remainder="pad" (the default) wraps the plan
+the way `DistributedSampler` wraps its indices: position n + j (n: the plan's batches) repeats
+batch j. remainder="drop" leaves out the last n % R batches instead. A rank's padding is at most
+one batch, its last; `with_mask=True` adds a fourth element to each batch, `real` (bool [N]):
+False for the samples of a repeated batch (whose ids are the original's, so ids cannot tell).
+The un-padded batches of all ranks together are the epoch, each sample exactly once.
+
+Position and resume: `position` counts the batches of `epoch` this rank's consumer has received
+(a generator hands a batch over only when asked for it; what the fetch threads hold ahead is not
+counted). After the last batch of epoch e the stream stands at the start of e + 1. `state_dict()`
+is that position plus what identifies the stream (dataset, population, shuffle, batch size,
+world size, spec identity, seed); `load_state_dict` refuses a state of another stream, naming
+what differs. Strength is state, not identity.
+
+DataLoader: `DataLoader(stream, batch_size=None)` (num_workers=0) iterates the stream in the
+calling process; the stream does its own prefetching. Worker processes are refused: the stream
+holds gRPC channels and threads, which must not cross a fork, and each worker would deliver the
+whole epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import queue
 import threading
 import time
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import grpc
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from augsvc.errors import AugsvcError, LimitExceededError, StreamError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
-from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, create_client_segment, release_segment
+from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, release_segment
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 
 from .client import RETRYABLE, AugmentClient, DatasetInfo, status_error
+from .segments import ClientSegment, SegmentPool
+from .world import World
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(images uint8 [N, C, H, W], labels int64 [N], sample_ids int64 [N])."""
+StreamItem = tuple[torch.Tensor, ...]
+"""What a stream yields: a Batch, and `real` (bool [N], False for padding) with `with_mask=True`."""
+
+#: What `state_dict()` writes as "format"; `load_state_dict` reads no other.
+STATE_FORMAT = "augsvc.stream/2"
+REMAINDERS = ("pad", "drop")
+
+WORKERS_REFUSED = (
+    "AugmentedStream in a DataLoader worker process: the stream holds gRPC channels and fetch threads, "
+    "which must not cross a fork, and every worker would deliver the whole epoch. Use "
+    "DataLoader(stream, batch_size=None, num_workers=0): the stream already fetches batches ahead on its "
+    "own threads (prefetch=) and the augmentation runs on the servers' workers.")
 
 
 #: What the default prefetch may hold: as many batches as fit, between 4 and 32.
@@ -80,96 +114,17 @@ def _to_torch(images: np.ndarray, labels: Any, ids: Any, *, channels_last: bool,
     return (tensor, torch.as_tensor(np.asarray(labels, np.int64)), torch.as_tensor(np.asarray(ids, np.int64)))
 
 
-@dataclass(frozen=True)
-class _Segment:
-    """One of this client's segments and the token in its header (`augsvc.shm`)."""
-
-    shm: SharedMemory
-    token: bytes
-
-    @property
-    def name(self) -> str:
-        return self.shm.name
-
-    def offer(self) -> pb.ShmSegment:
-        return pb.ShmSegment(name=self.shm.name, token=self.token)
-
-
-class _Segments:
-    """Shared-memory segments for `nbytes` of pixels that this client offers a server on its
-    host, one per batch of a call. A segment is free, offered to a call, or owned by a delivered
-    batch (until its tensor is freed). A segment offered to a call that failed may still be
-    written by a worker that was mid-batch, so it is never reused: `discard` unlinks it.
-
-    Segments come back from garbage collection (a freed batch): that path only puts them on a
-    SimpleQueue (safe in GC callbacks, unlike the lock), and `acquire` takes them from there."""
-
-    def __init__(self, nbytes: int, keep: int) -> None:
-        self.nbytes, self.keep = nbytes, keep
-        self._free: list[_Segment] = []
-        self._returned: queue.SimpleQueue[_Segment] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _take_returned(self) -> list[_Segment]:
-        """Move returned segments to the free list (under the lock); the surplus to discard."""
-        surplus: list[_Segment] = []
-        while True:
-            try:
-                seg = self._returned.get_nowait()
-            except queue.Empty:
-                return surplus
-            (self._free if not self._closed and len(self._free) < self.keep else surplus).append(seg)
-
-    def acquire(self, count: int) -> list[_Segment]:
-        """`count` segments; LimitExceededError (with none taken) when /dev/shm is full."""
-        with self._lock:
-            surplus = self._take_returned()
-            taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
-        for seg in surplus:
-            self.discard(seg)
-        try:
-            while len(taken) < count:
-                taken.append(_Segment(*create_client_segment(self.nbytes)))
-        except Exception:
-            for seg in taken:
-                self.release(seg)
-            raise
-        return taken
-
-    def release(self, seg: _Segment) -> None:
-        """Give a segment back (any thread, or a GC callback)."""
-        if self._closed:
-            self.discard(seg)
-        else:
-            self._returned.put(seg)
-
-    @staticmethod
-    def discard(seg: _Segment) -> None:
-        release_segment(seg.shm, unlink=True)
-
-    def view(self, seg: _Segment, shape: tuple[int, ...]) -> np.ndarray:
-        """A writable array of the pixels in `seg` that gives the segment back when it is freed."""
-        array = client_pixels(seg.shm, shape)
-        done = weakref.finalize(array, self.release, seg)
-        done.atexit = False  # at exit the resource tracker unlinks; never unmap under a live array
-        return array
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            free, self._free = self._free + self._take_returned(), []
-        for seg in free:
-            self.discard(seg)
-
-
-class AugmentedStream(IterableDataset[Batch]):
-    """Augmented batches `(images uint8 [N,C,H,W], labels int64 [N], sample_ids int64 [N])`.
+class AugmentedStream(IterableDataset[StreamItem]):
+    """Augmented batches `(images uint8 [N,C,H,W], labels int64 [N], sample_ids int64 [N])`, and
+    `real` (bool [N]) as a fourth element with `with_mask=True`.
 
     dataset: a dataset name served by the endpoints. sample_ids: the epoch's population (a split
-    or subset); None means the whole dataset. Rank r of world_size R gets batches k % R == r.
-    prefetch: batches kept in flight or ready ahead of the consumer (memory is bounded by it); None
-    means `default_prefetch` of the batch's size.
+    or subset); None means the whole dataset. rank/world_size: None (both) means discovered
+    (`World.discover`: the initialised process group, else RANK/WORLD_SIZE, else 0 of 1); rank r
+    of R gets positions k % R == r of the plan, made a multiple of R long by `remainder`: "pad"
+    (repeat batches from the plan's start, like DistributedSampler) or "drop" (see the module
+    docstring). prefetch: batches kept in flight or ready ahead of the consumer (memory is
+    bounded by it); None means `default_prefetch` of the batch's size.
     shared_memory: receive pixels through shared memory (see the module docstring); None means
     when every endpoint is a unix socket or loopback address. channels_last: images are
     channels_last views of the received pixels (default) or contiguous NCHW copies.
@@ -180,26 +135,27 @@ class AugmentedStream(IterableDataset[Batch]):
     """
 
     def __init__(self, client: AugmentClient, dataset: str | None, spec: Any, *, batch_size: int, seed: int,
-                 epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, prefetch: int | None = None,
-                 sample_ids: Any = None, drop_last: bool = False, backend: str = "fused",
+                 epoch: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
+                 prefetch: int | None = None, sample_ids: Any = None, drop_last: bool = False,
+                 remainder: str = "pad", with_mask: bool = False, backend: str = "fused",
                  streams: int | None = None, chunk: int | None = None, timeout: float = 120.0,
                  max_attempts: int = 10, shared_memory: bool | None = None, channels_last: bool = True,
                  strength: float | None = None, class_strength: Sequence[float] | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size: {batch_size} is not allowed; expected >= 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank/world_size: rank {rank} of {world_size} is not allowed; "
-                             "expected 0 <= rank < world_size")
         if prefetch is not None and prefetch < 1:
             raise ValueError(f"prefetch: {prefetch} is not allowed; expected >= 1")
+        if remainder not in REMAINDERS:
+            raise ValueError(f"remainder: {remainder!r} is not allowed; expected one of {REMAINDERS}")
+        self.world = World.of(rank, world_size)
         self.client = client
         self.dataset = dataset
         self.spec = load_spec(spec)
         self.class_strength: tuple[float, ...] | None = None
         self._set_strength(strength, class_strength)
         self.batch_size, self.seed, self.epoch, self.shuffle = batch_size, seed, epoch, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.remainder, self.with_mask = remainder, with_mask
         self.drop_last, self.backend, self.timeout, self.max_attempts = drop_last, backend, timeout, max_attempts
         self.streams = streams or max(2, client.num_endpoints)
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -211,14 +167,19 @@ class AugmentedStream(IterableDataset[Batch]):
             self.population: np.ndarray = np.arange(self._dataset_info.num_samples)
         else:
             self.population = np.asarray(sample_ids, np.int64)
+        self._population_digest = hashlib.sha256(self.population.astype("<i8").tobytes()).hexdigest()
+        self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         self._set_prefetch(prefetch, chunk)
         self._request_head = b""  # set by __iter__: the epoch-constant part of its requests
-        self.position = 0  # batches of this rank already yielded in `self.epoch`
+        self.position = 0  # batches of `self.epoch` this rank's consumer has received
+        self._pass = 0  # bumped whenever the position is set from outside: an older pass stops counting
+        self._resuming = False  # load_state_dict set a position inside an epoch; set_epoch keeps it
+        self._fetcher: _Fetcher | None = None
         self.channels_last = channels_last
         if shared_memory is None:
             shared_memory = all(is_local_address(t) for t in client.targets)
         self.shared_memory = shared_memory and dataset is not None
-        self._segments: _Segments | None = None
+        self._segments: SegmentPool | None = None
         self._segments_lock = threading.Lock()
         self._inline_endpoints: set[int] = set()  # endpoints that wrote no segment of a finished call
         #: How the batches of this stream arrived so far: {"shared_memory": n, "inline": m}.
@@ -238,6 +199,16 @@ class AugmentedStream(IterableDataset[Batch]):
         stream._arrays = (images, np.asarray(labels, np.int64))
         stream._set_prefetch(kwargs.get("prefetch"), kwargs.get("chunk"))  # now that the batch size is known
         return stream
+
+    @property
+    def rank(self) -> int:
+        """This stream's rank (`self.world`)."""
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks share each epoch (`self.world`)."""
+        return self.world.world_size
 
     def _batch_shape(self) -> tuple[int, int, int] | None:
         """(H, W, C) of this stream's output images, where the dataset or arrays and the spec fix it."""
@@ -260,7 +231,18 @@ class AugmentedStream(IterableDataset[Batch]):
     def set_epoch(self, epoch: int, *, strength: float | None = None,
                   class_strength: Sequence[float] | None = None) -> None:
         """Move to the start of `epoch` (a new permutation when shuffling); a `strength` or
-        `class_strength` given applies from this epoch on."""
+        `class_strength` given applies from this epoch on. Right after `load_state_dict` put the
+        stream inside `epoch`, it stays there (a loop that calls set_epoch every epoch resumes
+        where the checkpoint left off) with the checkpoint's strength."""
+        if self._resuming and epoch == self.epoch:
+            if (strength is not None and strength != self.spec.strength) or \
+                    (class_strength is not None and tuple(class_strength) != self.class_strength):
+                warnings.warn(f"set_epoch({epoch}): resuming inside epoch {epoch} with the checkpoint's strength "
+                              f"{self.spec.strength}; the strength given applies from the next epoch",
+                              stacklevel=2)
+            return
+        self._resuming = False
+        self._pass += 1
         self.epoch, self.position = epoch, 0
         self._set_strength(strength, class_strength)
 
@@ -281,36 +263,75 @@ class AugmentedStream(IterableDataset[Batch]):
             self.class_strength = values
 
     def plan(self) -> list[np.ndarray]:
-        """This epoch's batches of sample ids, every rank's (`augsvc.epoch_batches`)."""
-        return epoch_batches(self.population, self.batch_size, seed=self.seed, epoch=self.epoch,
-                             shuffle=self.shuffle, drop_last=self.drop_last)
+        """This epoch's batches of sample ids, every rank's (`augsvc.epoch_batches`), unpadded."""
+        if self._plan_cache is None or self._plan_cache[0] != self.epoch:
+            plan = epoch_batches(self.population, self.batch_size, seed=self.seed, epoch=self.epoch,
+                                 shuffle=self.shuffle, drop_last=self.drop_last)
+            self._plan_cache = (self.epoch, plan)
+        return self._plan_cache[1]
+
+    def _padded_length(self) -> int:
+        """Positions in the epoch once made a multiple of world_size long (`remainder`)."""
+        n, r = len(self.plan()), self.world_size
+        return -(-n // r) * r if self.remainder == "pad" else n // r * r
 
     def _indices(self) -> list[int]:
-        return list(range(self.rank, len(self.plan()), self.world_size))
+        """This rank's positions in the padded plan; position k >= len(plan) repeats batch k % len(plan)."""
+        return list(range(self.rank, self._padded_length(), self.world_size))
 
     def __len__(self) -> int:
-        """Batches this rank gets per epoch."""
+        """Batches this rank gets per epoch: the same on every rank."""
         return len(self._indices())
 
+    @property
+    def real_batches(self) -> int:
+        """How many of this rank's batches per epoch are not padding: the first ones."""
+        return len(range(self.rank, len(self.plan()), self.world_size)) if self.remainder == "pad" else len(self)
+
     def state_dict(self) -> dict[str, Any]:
-        """Where this stream is (epoch, batches of it already yielded) and what it streams, to resume from."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "spec": self.spec.identity, "strength": self.spec.strength,
-                "class_strength": None if self.class_strength is None else list(self.class_strength)}
+        """Where this stream is — `epoch` and `position`, the batches of it that this rank's consumer
+        has received — its strength, and what identifies it, to resume from. Every rank of a
+        world stands at the same position between steps, so one rank's state resumes them all."""
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "position": self.position,
+                "strength": self.spec.strength,
+                "class_strength": None if self.class_strength is None else list(self.class_strength),
+                "dataset": self.dataset,
+                "population": {"count": len(self.population), "sha256": self._population_digest},
+                "shuffle": self.shuffle, "batch_size": self.batch_size, "world_size": self.world_size,
+                "spec": self.spec.identity, "seed": self.seed, "drop_last": self.drop_last,
+                "remainder": self.remainder, "rank": self.rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a `state_dict()`'s epoch, position and strength; ValueError if it belongs to
-        another stream (the spec is compared without its strength, which is state)."""
-        for key in ("seed", "batch_size", "rank", "world_size", "spec"):
-            mine = self.state_dict()[key]
-            if key in state and state[key] != mine:
-                raise ValueError(f"state_dict: {key} {state[key]!r} does not match this stream's {mine!r}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._set_strength(state.get("strength"), state.get("class_strength"))
+        """Resume at a `state_dict()`'s epoch, position and strength. ValueError, naming what
+        differs, for the state of another stream: another dataset, population, shuffle, batch
+        size, world size, spec (compared by `Spec.identity`, without its strength, which is
+        state), seed, drop_last or remainder. The rank may differ (see `state_dict`)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"load_state_dict: format {state.get('format')!r} is not an AugmentedStream state "
+                             f"({STATE_FORMAT!r})")
+        mine = self.state_dict()
+        for key, what in (("dataset", "dataset"), ("population", "population (the epoch's sample ids)"),
+                          ("shuffle", "shuffle"), ("batch_size", "batch size"), ("world_size", "world size"),
+                          ("spec", "spec (its identity, strength aside)"), ("seed", "seed"),
+                          ("drop_last", "drop_last"), ("remainder", "remainder")):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"load_state_dict: another {what} ({key}): the state has {state.get(key)!r}, "
+                                 f"this stream {mine[key]!r}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not 0 <= position <= len(self):
+            raise ValueError(f"load_state_dict: position {position} is outside an epoch's 0..{len(self)} batches")
+        if position == len(self):  # the end of an epoch is the start of the next
+            epoch, position = epoch + 1, 0
+        self._resuming = False
+        self.set_epoch(epoch, strength=state.get("strength"), class_strength=state.get("class_strength"))
+        self.position = position
+        self._resuming = position > 0
+
+    def __getstate__(self) -> Any:
+        raise TypeError(WORKERS_REFUSED)
 
     # -- shared memory -------------------------------------------------------------------------------
-    def _segment_pool(self) -> _Segments | None:
+    def _segment_pool(self) -> SegmentPool | None:
         """The segment pool, sized for one batch of this dataset and spec (None: sizes unknown).
         Made once, before the fetch threads start (`__iter__`)."""
         if not self.shared_memory or self.dataset is None:
@@ -324,7 +345,7 @@ class AugmentedStream(IterableDataset[Batch]):
                 nbytes = self.batch_size * math.prod(shape)
                 # Enough to keep every call's segments, the prefetched batches and a few held by the
                 # consumer without creating new ones each epoch.
-                self._segments = _Segments(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
+                self._segments = SegmentPool(nbytes, keep=self.streams * self.chunk + self.prefetch + 4)
                 weakref.finalize(self, self._segments.close)
             return self._segments
 
@@ -336,7 +357,7 @@ class AugmentedStream(IterableDataset[Batch]):
         if segments is not None:
             segments.close()
 
-    def _from_segment(self, segments: _Segments, seg: _Segment, msg: pb.Batch) -> Batch:
+    def _from_segment(self, segments: SegmentPool, seg: ClientSegment, msg: pb.Batch) -> Batch:
         shape = tuple(int(d) for d in msg.images.shape)
         if len(shape) != 4 or msg.images.dtype != "uint8" or \
                 CLIENT_HEADER_BYTES + math.prod(shape) > seg.shm.size:
@@ -361,7 +382,7 @@ class AugmentedStream(IterableDataset[Batch]):
         data: bytes = head.SerializeToString()
         return data
 
-    def _stream_request(self, chunk: list[int], segments: list[_Segment]) -> bytes:
+    def _stream_request(self, chunk: list[int], segments: list[ClientSegment]) -> bytes:
         """StreamBatchesRequest bytes for `chunk`: the pass's head and this call's fields; protobuf
         reads the two concatenated parts as one message (they share no field)."""
         tail = pb.StreamBatchesRequest(start=chunk[0], end=chunk[-1] + 1, stride=self.world_size,
@@ -374,35 +395,76 @@ class AugmentedStream(IterableDataset[Batch]):
             self.received[how] += 1
 
     # -- iteration -----------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
-        plan = self.plan()
-        indices = self._indices()[self.position:]
+    def __iter__(self) -> Iterator[StreamItem]:
+        """A pass from the current position to the end of the epoch (RuntimeError in a DataLoader
+        worker process: see the module docstring)."""
+        if get_worker_info() is not None:
+            raise RuntimeError(WORKERS_REFUSED)
+        return self._pass_over_epoch()
+
+    def _pass_over_epoch(self) -> Iterator[StreamItem]:
+        plan, epoch, positions = self.plan(), self.epoch, self._indices()
+        start = min(self.position, len(positions))
+        self._resuming = False
+        self._pass += 1
+        this_pass = self._pass
         if self._arrays is None:
             self._request_head = self._epoch_request_head()
             self._segment_pool()
-        fetcher = _Fetcher(self, plan, indices)
+        fetcher = _Fetcher(self, epoch, plan, positions[start:])
+        self._fetcher = fetcher
         try:
-            for k in indices:
-                batch = fetcher.take(k)
-                self.position += 1
+            for received, k in enumerate(positions[start:], start + 1):
+                batch: StreamItem = fetcher.take(k)
+                if self._pass == this_pass:  # set_epoch / load_state_dict since: they set the position
+                    self.position = received
+                    if received == len(positions):  # the epoch is complete: the next one starts
+                        self.epoch, self.position = epoch + 1, 0
+                if self.with_mask:
+                    batch = (*batch, torch.full((len(batch[2]),), k < len(plan), dtype=torch.bool))
                 yield batch
-            self.position = 0  # the epoch is complete; set_epoch() moves to the next
+            if not positions and self._pass == this_pass:
+                self.epoch, self.position = epoch + 1, 0
         finally:
             fetcher.stop()
+            if self._fetcher is fetcher:
+                self._fetcher = None
+
+    def close(self) -> None:
+        """Stop a pass in progress (its fetch threads and calls) and unlink this stream's
+        shared-memory segments; a batch still held keeps its pixels. The stream may be iterated
+        again (it makes new segments)."""
+        fetcher = self._fetcher
+        if fetcher is not None:
+            fetcher.stop()
+        with self._segments_lock:
+            segments, self._segments = self._segments, None
+        if segments is not None:
+            segments.close()
+
+    def __enter__(self) -> AugmentedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- one chunk from one endpoint -----------------------------------------------------------------
-    def _fetch(self, endpoint: int, chunk: list[int], plan: list[np.ndarray],
-               deliver: Any, calls: list[Any]) -> None:
+    def _fetch(self, endpoint: int, chunk: list[int], fetcher: _Fetcher, deliver: Any) -> None:
+        """Ask `endpoint` for the batches at positions `chunk` (all real, or one repeat) and deliver
+        them keyed by position."""
+        plan, calls = fetcher.plan, fetcher.calls
+        source = [k % len(plan) for k in chunk]  # a repeated position asks for the batch it repeats
+        position_of = dict(zip(source, chunk, strict=True))
         if self._arrays is None:
             segments = self._segment_pool() if endpoint not in self._inline_endpoints else None
-            offered: dict[str, _Segment] = {}
+            offered: dict[str, ClientSegment] = {}
             if segments is not None:
                 try:
                     offered = {seg.name: seg for seg in segments.acquire(len(chunk))}
                 except (LimitExceededError, OSError) as exc:
                     self._stop_shared_memory(f"no shared memory for batches ({exc})")
                     segments = None
-            request = self._stream_request(chunk, list(offered.values()))
+            request = self._stream_request(source, list(offered.values()))
             completed, written = False, 0
             try:
                 call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
@@ -410,12 +472,14 @@ class AugmentedStream(IterableDataset[Batch]):
                 try:
                     for msg, pixels in call:
                         k = int(msg.batch_index)
-                        if not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
+                        if not 0 <= k < len(plan) or \
+                                not np.array_equal(np.asarray(msg.sample_ids, np.int64), plan[k]):
                             raise StreamError(f"batch {k}: the server's epoch plan differs from the client's")
+                        position = position_of.get(k, k)  # a re-asked range may bring batches delivered before
                         if pixels is not None:
                             self._count("inline")
-                            deliver(k, _to_torch(pixels, msg.labels, msg.sample_ids,
-                                                 channels_last=self.channels_last))
+                            deliver(position, _to_torch(pixels, msg.labels, msg.sample_ids,
+                                                        channels_last=self.channels_last))
                             continue
                         seg = offered.pop(msg.shm_segment, None)
                         if seg is None or segments is None:
@@ -423,16 +487,18 @@ class AugmentedStream(IterableDataset[Batch]):
                                               "which this call did not offer")
                         written += 1
                         self._count("shared_memory")
-                        deliver(k, self._from_segment(segments, seg, msg))
+                        deliver(position, self._from_segment(segments, seg, msg))
                 finally:
                     calls.remove(call)  # only live calls are kept (for cancelling), not one per chunk
                 completed = True
             finally:
                 for seg in offered.values():  # not written (inline replies) if the call completed
-                    if completed and segments is not None:
+                    if segments is None:
+                        release_segment(seg.shm, unlink=True)
+                    elif completed:
                         segments.release(seg)
                     else:
-                        _Segments.discard(seg)
+                        segments.discard(seg)
             if offered and not written:  # this server cannot reach our segments: stop offering them
                 self._inline_endpoints.add(endpoint)
             return
@@ -440,18 +506,19 @@ class AugmentedStream(IterableDataset[Batch]):
         spec_msg = self.spec.to_proto()
 
         def requests() -> Iterator[pb.AugmentRequest]:
-            for k in chunk:
-                ids = plan[k]
+            for k, src in zip(chunk, source, strict=True):
+                ids = plan[src]
                 yield pb.AugmentRequest(spec=spec_msg, images=encode_tensor(images[ids]), seed=self.seed,
-                                        epoch=self.epoch, sample_ids=ids.tolist(), backend=self.backend, tag=k)
+                                        epoch=fetcher.epoch, sample_ids=ids.tolist(), backend=self.backend, tag=k)
 
         call = self.client.augment_stream(endpoint, requests(), timeout=self.timeout)
         calls.append(call)
         try:
             for msg, pixels in call:
                 k = int(msg.tag)
+                ids = plan[k % len(plan)]
                 self._count("inline")
-                deliver(k, _to_torch(pixels, labels[plan[k]], plan[k], channels_last=self.channels_last))
+                deliver(k, _to_torch(pixels, labels[ids], ids, channels_last=self.channels_last))
         finally:
             calls.remove(call)
 
@@ -468,14 +535,18 @@ def _fatal(exc: Exception, pending: list[int]) -> StreamError:
 
 
 class _Fetcher:
-    """Background fetch threads for one pass over `indices` (see the module docstring)."""
+    """Background fetch threads for one pass over positions `indices` of `epoch` (see the module
+    docstring). A chunk is real positions, or one repeated position alone."""
 
-    def __init__(self, stream: AugmentedStream, plan: list[np.ndarray], indices: list[int]) -> None:
+    def __init__(self, stream: AugmentedStream, epoch: int, plan: list[np.ndarray], indices: list[int]) -> None:
         self.stream = stream
+        self.epoch = epoch
         self.plan = plan
         self.order = {k: i for i, k in enumerate(indices)}
         size = stream.chunk
-        self.queue: deque[list[int]] = deque(indices[i:i + size] for i in range(0, len(indices), size))
+        real = [k for k in indices if k < len(plan)]
+        self.queue: deque[list[int]] = deque(real[i:i + size] for i in range(0, len(real), size))
+        self.queue.extend([k] for k in indices if k >= len(plan))
         self.ready: dict[int, Batch] = {}
         self.attempts: dict[int, int] = {}
         self.consumed = 0
@@ -493,6 +564,8 @@ class _Fetcher:
             while k not in self.ready:
                 if self.error is not None:
                     raise self.error
+                if self.stopped:
+                    raise StreamError("the stream was closed during its pass")
                 self.cond.wait(0.5)
             batch = self.ready.pop(k)
             self.consumed += 1
@@ -537,8 +610,7 @@ class _Fetcher:
                 return
             pending = list(chunk)
             try:
-                self.stream._fetch(endpoint, chunk, self.plan, partial(self._deliver, pending=pending),
-                                   self.calls)
+                self.stream._fetch(endpoint, chunk, self, partial(self._deliver, pending=pending))
                 if pending:  # the stream ended early without an error status
                     raise StreamError(f"batches {pending} missing from a finished stream")
                 backoff = 0.0

@@ -1,4 +1,5 @@
-"""Training loop: regularizers, early stopping, an overfitting monitor, checkpoints and curves.
+"""Training loop: regularizers, early stopping, an overfitting monitor, checkpoints and curves,
+in one process or as one rank of a DistributedDataParallel run.
 
 `fit` trains any classifier that takes uint8 [N, C, H, W] batches (RegularizedCNN does its own
 normalization). Regularizers: L2 as decoupled weight decay (AdamW, or SGD's weight decay), an
@@ -6,15 +7,24 @@ optional L1 penalty added to the loss, label smoothing, and whatever dropout/bat
 has. Validation runs on un-augmented data after every epoch; early stopping watches the
 validation loss and the best weights are restored at the end. The L1/L2 norms of the weights and
 their near-zero fraction are logged every epoch, so the effect of L1/L2 can be seen in the logs.
+
+Batches reach the model through a `DeviceFeed` (one ahead; pinned memory and a side stream on
+CUDA). Under an initialised process group of several ranks (torchrun), the model is wrapped in
+DistributedDataParallel, each rank trains on its shard of every epoch, the running train sums
+and the validation sums are all-reduced (so every rank sees the same metrics and takes the same
+early-stopping decision), and rank 0 alone logs and writes files. A checkpoint (see
+`trainer_client.checkpoint`) resumes a run exactly, mid-epoch included: `fit(..., resume=path)`.
+Hooks: `train_epoch(e)` is called at the start of every epoch; `Callback`s see every batch and
+every epoch's row, to which they may add columns.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +32,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .checkpoint import (
+    RunState,
+    Stateful,
+    all_reduce_sum,
+    gather_objects,
+    load_checkpoint,
+    rank_state,
+    restore_rank_state,
+    save_checkpoint,
+)
+from .device import DeviceFeed
+from .overfit import GapReport, OverfitMonitor
+from .reporting import METRIC_KEYS, format_row, plot_curves, write_metrics
+from .world import World
+
+__all__ = ["METRIC_KEYS", "Batch", "Callback", "GapReport", "History", "OverfitMonitor", "StepEvent", "TrainConfig",
+           "TrainEpoch", "ValData", "evaluate", "fit", "penalized_weights", "resolve_device", "training_loss",
+           "weight_stats"]
+
 Batch = Sequence[torch.Tensor]
-"""(images uint8 [N, C, H, W], labels int64 [N], *extra) — extra items (sample ids) are ignored."""
+"""(images uint8 [N, C, H, W], labels int64 [N], *extra): extra items (sample ids) are ignored,
+except a fourth one of dtype bool, `real` (AugmentedStream(with_mask=True)): samples where it is
+False (padding) are trained on, like DistributedSampler's repeats, but not counted in metrics."""
 TrainEpoch = Callable[[int], Iterable[Batch]]
 ValData = tuple[torch.Tensor, torch.Tensor] | Callable[[], Iterable[Batch]]
 
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "gap_loss", "gap_acc",
-               "l1_norm", "l2_norm", "near_zero_frac", "images_per_s", "lr", "seconds")
 _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("cosine", "constant")
 
@@ -46,7 +76,9 @@ class TrainConfig:
     gap_warn_epochs: the monitor warns when the train-val gap widened this many epochs in a row.
     near_zero: |w| below this counts as a near-zero weight in the logs.
     device: "auto" picks CUDA when available. out_dir: where metrics, checkpoints and curves go
-    (None writes nothing). seed: seeds torch's RNG inside `fit` (dropout masks).
+    (None writes nothing). seed: seeds torch's RNG inside `fit` (dropout masks; rank r of a
+    distributed run uses seed + r). checkpoint_every: also write `checkpoint.pt` after every
+    this many steps inside an epoch (0: at epoch ends only; see trainer_client.checkpoint).
     """
 
     epochs: int = 20
@@ -65,6 +97,7 @@ class TrainConfig:
     out_dir: Path | None = None
     progress: bool = True
     seed: int = 0
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -80,6 +113,7 @@ class TrainConfig:
             ("momentum", 0 <= self.momentum < 1, "a value in [0, 1)"),
             ("lr_schedule", self.lr_schedule in _SCHEDULES, f"one of {_SCHEDULES}"),
             ("near_zero", self.near_zero > 0, "a value > 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -88,56 +122,35 @@ class TrainConfig:
             self.out_dir = Path(self.out_dir)
 
 
-@dataclass
-class GapReport:
-    """One epoch's generalization gap. Positive values mean the model fits train better than val."""
+@dataclass(frozen=True)
+class StepEvent:
+    """A batch the training loop received. epoch: 0-based (as train_epoch counts); position:
+    batches of this epoch received so far, this one included (a resumed epoch goes on counting);
+    batch: as the model gets it (on the device)."""
 
-    loss: float
-    acc: float
-    warning: str | None = None
+    epoch: int
+    position: int
+    batch: tuple[torch.Tensor, ...]
 
 
-class OverfitMonitor:
-    """Reports the train-val gap each epoch and warns when it keeps widening.
+class Callback:
+    """Hooks into `fit`; each does nothing unless overridden. Called on every rank."""
 
-    gap_loss = val_loss - train_loss; gap_acc = train_acc - val_acc. An epoch "widens" a gap when
-    the gap grew and is positive (a negative gap shrinking toward zero, as in the first epochs,
-    is not overfitting). After `warn_epochs` widening epochs in a row of either gap, every
-    further widening epoch produces a warning; any non-widening epoch resets that gap's streak.
-    """
+    def on_batch(self, event: StepEvent) -> None:
+        """A batch was received; the step on it follows."""
 
-    def __init__(self, warn_epochs: int = 3) -> None:
-        if warn_epochs < 1:
-            raise ValueError(f"warn_epochs: {warn_epochs} is not allowed; expected an integer >= 1")
-        self.warn_epochs = warn_epochs
-        self.warnings: list[str] = []
-        self._prev: GapReport | None = None
-        self._streak_loss = 0
-        self._streak_acc = 0
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        """An epoch's row, before it is logged and written: keys added here become columns."""
 
-    def update(self, epoch: int, train_loss: float, train_acc: float, val_loss: float,
-               val_acc: float) -> GapReport:
-        gap = GapReport(loss=val_loss - train_loss, acc=train_acc - val_acc)
-        if self._prev is not None:
-            self._streak_loss = self._streak_loss + 1 if 0 < gap.loss and self._prev.loss < gap.loss else 0
-            self._streak_acc = self._streak_acc + 1 if 0 < gap.acc and self._prev.acc < gap.acc else 0
-        self._prev = gap
-        widening = []
-        if self._streak_acc >= self.warn_epochs:
-            widening.append(f"accuracy gap {100 * gap.acc:.1f} points ({self._streak_acc} epochs)")
-        if self._streak_loss >= self.warn_epochs:
-            widening.append(f"loss gap {gap.loss:.3f} ({self._streak_loss} epochs)")
-        if widening:
-            gap.warning = (f"epoch {epoch}: train-val gap keeps widening: {'; '.join(widening)} "
-                           "— the model is overfitting; consider more regularization or stopping")
-            self.warnings.append(gap.warning)
-        return gap
+    def on_train_end(self, history: History) -> None:
+        """Training is over (the best weights are back in the model)."""
 
 
 @dataclass
 class History:
-    """What `fit` did: one metrics row per epoch (keys: METRIC_KEYS), the best epoch (1-based,
-    by validation loss; its weights are the ones left in the model), and the monitor's warnings."""
+    """What `fit` did: one metrics row per epoch (keys: METRIC_KEYS, then any a callback added),
+    the best epoch (1-based, by validation loss; its weights are the ones left in the model), and
+    the monitor's warnings."""
 
     rows: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
@@ -173,11 +186,21 @@ def weight_stats(model: nn.Module, near_zero: float = 1e-3) -> dict[str, float]:
             "near_zero_frac": (flat.abs() < near_zero).float().mean().item()}
 
 
-def _split_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(images, labels, real mask or None) on `device`."""
     if len(batch) < 2:
         raise ValueError(f"batch: expected (images, labels, ...), got a sequence of {len(batch)}")
-    images, labels = batch[0], batch[1]
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
+    real = batch[3] if len(batch) > 3 and batch[3].dtype == torch.bool else None
+    return (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True).long(),
+            None if real is None else real.to(device, non_blocking=True))
+
+
+def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """[sum of cross-entropy, correct, count] over the real samples of a batch, as float64 on its device."""
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    hits = (logits.argmax(1) == labels).to(losses.dtype)
+    weight = torch.ones_like(losses) if real is None else real.to(losses.dtype)
+    return torch.stack([(losses * weight).sum(), (hits * weight).sum(), weight.sum()]).double()
 
 
 def _val_batches(val_data: ValData, batch_size: int) -> Iterator[Batch]:
@@ -193,19 +216,18 @@ def _val_batches(val_data: ValData, batch_size: int) -> Iterator[Batch]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, val_data: ValData, *, device: torch.device | None = None,
-             batch_size: int = 512) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` in eval mode (plain CE, no smoothing)."""
+             batch_size: int = 512, world: World | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` in eval mode (plain CE, no smoothing) over the
+    real samples of `val_data`; with a distributed `world`, over every rank's shard."""
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in _val_batches(val_data, batch_size):
-        images, labels = _split_batch(batch, device)
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(1) == labels).sum().item())
-        count += len(labels)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in DeviceFeed(_val_batches(val_data, batch_size), device):
+        images, labels, real = _split_batch(batch, device)
+        sums += _batch_sums(model(images), labels, real)
     model.train(was_training)
+    loss_sum, correct, count = all_reduce_sum(sums, world or World()).tolist()
     if count == 0:
         raise ValueError("val_data: yielded no samples")
     return loss_sum / count, correct / count
@@ -234,41 +256,6 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, weights: Sequence[
     return loss
 
 
-def _train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                     config: TrainConfig, device: torch.device, epoch: int) -> tuple[float, float, int]:
-    """One pass in train mode; returns running (plain CE loss, accuracy, images)."""
-    model.train()
-    weights = penalized_weights(model) if config.l1 > 0 else []
-    # Sums stay on the device; reading them every step would sync a GPU after each batch.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    bar = tqdm(total=None, unit="img", unit_scale=True, leave=False, disable=not config.progress,
-               desc=f"epoch {epoch}/{config.epochs}")
-    with bar:
-        for step, batch in enumerate(batches):
-            images, labels = _split_batch(batch, device)
-            logits = model(images)
-            loss = training_loss(logits, labels, weights, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            with torch.no_grad():
-                loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-                correct += (logits.argmax(1) == labels).sum()
-            count += len(labels)
-            bar.update(len(labels))
-            if step % 10 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss_sum.item() / count:.3f}", refresh=False)
-    if count == 0:
-        raise ValueError(f"train_epoch({epoch - 1}) yielded no samples")
-    mean_loss = loss_sum.item() / count
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"epoch {epoch}: the training loss is {mean_loss}; "
-                                 "lower lr or the regularization strengths")
-    return mean_loss, int(correct.item()) / count, count
-
-
 def _jsonable_config(config: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
 
@@ -277,25 +264,110 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save(path: Path, state: dict[str, torch.Tensor], config: TrainConfig, epoch: int,
-          metrics: dict[str, float]) -> None:
+def _save_weights(path: Path, state: dict[str, torch.Tensor], config: TrainConfig, epoch: int,
+                  metrics: dict[str, float]) -> None:
+    """best.pt / last.pt: the weights, the config, the epoch and its metrics."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model_state": state, "config": _jsonable_config(config), "epoch": epoch,
-                "metrics": metrics}, tmp)
-    tmp.replace(path)  # a reader never sees a half-written checkpoint
+    torch.save({"model_state": state, "config": _jsonable_config(config), "epoch": epoch, "metrics": metrics}, tmp)
+    tmp.replace(path)  # a reader never sees a half-written file
 
 
-def _format_row(row: dict[str, float]) -> str:
-    return (f"epoch {int(row['epoch'])}: "
-            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.1f}% | "
-            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.1f}% | "
-            f"gap loss {row['gap_loss']:+.4f} acc {100 * row['gap_acc']:+.1f} pts | "
-            f"L1 {row['l1_norm']:.1f} L2 {row['l2_norm']:.2f} near-zero {100 * row['near_zero_frac']:.1f}% | "
-            f"{row['images_per_s']:.0f} img/s | lr {row['lr']:.2e}")
+@dataclass
+class _Run:
+    """What one call of `fit` works with."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    monitor: OverfitMonitor
+    config: TrainConfig
+    device: torch.device
+    world: World
+    data: Stateful | None
+    stateful: Mapping[str, Stateful]
+    callbacks: Sequence[Callback]
+    state: RunState = field(default_factory=RunState)
+
+    def checkpoint(self, *, epoch_done: bool, sums: list[float], data_state: Any) -> None:
+        """Write checkpoint.pt (rank 0) with every rank's RNG and sums: a collective when distributed."""
+        if self.config.out_dir is None:
+            return
+        ranks = gather_objects(rank_state(self.device, sums), self.world)
+        if not self.world.is_main:
+            return
+        self.state.epoch_done, self.state.monitor = epoch_done, self.monitor.state_dict()
+        save_checkpoint(self.config.out_dir / "checkpoint.pt", {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "run": self.state.to_dict(), "ranks": ranks, "data": data_state,
+            "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()},
+            "config": _jsonable_config(self.config)})
+
+    def restore(self, path: Path) -> list[float]:
+        """Load a checkpoint into the model, optimizer, scheduler, run state, data and stateful
+        objects, and this rank's RNG; returns this rank's running sums of the epoch."""
+        ckpt = load_checkpoint(path)
+        ranks = ckpt["ranks"]
+        if len(ranks) != self.world.world_size:
+            raise ValueError(f"{path}: written by a run of {len(ranks)} ranks; this run has {self.world.world_size}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = RunState.from_dict(ckpt["run"])
+        self.monitor.load_state_dict(self.state.monitor)
+        if self.data is not None and ckpt["data"] is not None:
+            self.data.load_state_dict(ckpt["data"])
+        for name, obj in self.stateful.items():
+            if name in ckpt["stateful"]:
+                obj.load_state_dict(ckpt["stateful"][name])
+        return restore_rank_state(ranks[self.world.rank], self.device)
+
+    def train_epoch(self, batches: Iterable[Batch], epoch: int, sums: list[float]) -> tuple[torch.Tensor, int, Any]:
+        """One pass in train mode from step `self.state.step` of `epoch` (1-based); returns the
+        running [loss, correct, count] sums over real samples, the images trained on here, and
+        the data's state after the last batch."""
+        config, device = self.config, self.device
+        self.net.train()
+        weights = penalized_weights(self.model) if config.l1 > 0 else []
+        # Sums stay on the device; reading them every step would sync a GPU after each batch.
+        totals = torch.tensor(sums, dtype=torch.float64, device=device)
+        length = len(batches) if isinstance(batches, Sized) else None
+        if self.state.step and self.data is None:  # nothing to resume the source: skip what was trained
+            batches = itertools.islice(batches, self.state.step, None)
+        feed = DeviceFeed(batches, device, state_of=self.data)
+        seen = 0
+        bar = tqdm(total=None, unit="img", unit_scale=True, leave=False,
+                   disable=not (config.progress and self.world.is_main), desc=f"epoch {epoch}/{config.epochs}")
+        with bar:
+            for batch in feed:
+                self.state.step += 1
+                images, labels, real = _split_batch(batch, device)
+                for callback in self.callbacks:
+                    callback.on_batch(StepEvent(epoch - 1, self.state.step, batch))
+                logits = self.net(images)
+                loss = training_loss(logits, labels, weights, config)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                self.optimizer.step()
+                with torch.no_grad():
+                    totals += _batch_sums(logits.detach(), labels, real)
+                seen += len(labels)
+                bar.update(len(labels))
+                if self.state.step % 10 == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{totals[0].item() / max(totals[2].item(), 1):.3f}", refresh=False)
+                every = config.checkpoint_every
+                if every and self.state.step % every == 0 and (length is None or self.state.step < length):
+                    self.checkpoint(epoch_done=False, sums=totals.tolist(),
+                                    data_state=feed.state_dict() if self.data is not None else None)
+        return totals, seen, feed.state_dict() if self.data is not None else None
 
 
 def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: TrainConfig, *,
-        log: Callable[[str], None] = print) -> History:
+        log: Callable[[str], None] = print, world: World | None = None, data: Stateful | None = None,
+        stateful: Mapping[str, Stateful] | None = None, callbacks: Sequence[Callback] = (),
+        resume: Path | str | None = None) -> History:
     """Train `model`, validating after every epoch; returns the History, best weights restored.
 
     train_epoch(e) yields the batches of epoch e (e is 0-based, as the data stream counts; rows
@@ -304,99 +376,103 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     train mode (on augmented data, with dropout active), the usual "train" curve; so the gap
     (train - val) is the gap between that curve and the eval-mode validation metrics. Reported
     losses are plain cross-entropy, without label smoothing or the L1 term.
+
+    world: this process's place in the run (default `World.discover()`); with an initialised
+    process group of several ranks the model is trained with DistributedDataParallel. data: the
+    object behind train_epoch's batches whose state_dict() is the data's position (an
+    AugmentedStream): saved in checkpoints and restored on resume; without it a resumed epoch
+    skips the batches already trained. stateful: more objects a checkpoint holds (by name).
+    resume: a checkpoint.pt to continue from, exactly where it was written.
     """
+    world = world if world is not None else World.discover()
     device = resolve_device(config.device)
     model.to(device)
     optimizer = _make_optimizer(model, config)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                  if config.lr_schedule == "cosine" else None)
-    monitor = OverfitMonitor(config.gap_warn_epochs)
-    history = History(warnings=monitor.warnings)
-    out = config.out_dir
+    run = _Run(model, model, optimizer, scheduler, OverfitMonitor(config.gap_warn_epochs), config, device, world,
+               data, dict(stateful or {}), callbacks)
+    history = History(warnings=run.monitor.warnings)
+    say = log if world.is_main else _quiet
+    out = config.out_dir if world.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.csv", "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    best_loss, best_state, since_best = math.inf, _state_copy(model), 0
     # Seeding here (inside a forked RNG state) makes dropout masks a function of config.seed
     # without leaving torch's global RNG changed for the caller.
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(config.seed)
-        for epoch in range(1, config.epochs + 1):
+        torch.manual_seed(config.seed + world.rank)
+        run.state.best_state = _state_copy(model)
+        sums = run.restore(Path(resume)) if resume is not None else [0.0, 0.0, 0.0]
+        state = run.state
+        if world.distributed:
+            run.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            # A conv weight with one input channel has two valid stride patterns in channels_last
+            # (its size-1 dimension's stride is free); DDP's reducer warns when the gradient took
+            # the other one. Nothing is wrong: the bucket copy handles either.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        if out is not None:
+            write_metrics(out, state.rows)
+        if state.epoch_done:
+            state.epoch, state.step, sums = state.epoch + 1, 0, [0.0, 0.0, 0.0]
+        while state.epoch <= config.epochs and not state.stopped_early:
+            epoch = state.epoch
             lr = float(optimizer.param_groups[0]["lr"])
             start = time.perf_counter()
-            train_loss, train_acc, seen = _train_one_epoch(model, train_epoch(epoch - 1), optimizer,
-                                                           config, device, epoch)
+            totals, seen, data_state = run.train_epoch(train_epoch(epoch - 1), epoch, sums)
+            loss_sum, correct, count, seen_all = all_reduce_sum(
+                torch.cat([totals, torch.tensor([float(seen)], dtype=torch.float64, device=device)]), world).tolist()
+            if count == 0:
+                raise ValueError(f"train_epoch({epoch - 1}) yielded no samples")
+            train_loss, train_acc = loss_sum / count, correct / count
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"epoch {epoch}: the training loss is {train_loss}; "
+                                         "lower lr or the regularization strengths")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - start
-            val_loss, val_acc = evaluate(model, val_data, device=device)
-            gap = monitor.update(epoch, train_loss, train_acc, val_loss, val_acc)
+            val_loss, val_acc = evaluate(model, val_data, device=device, world=world)
+            gap = run.monitor.update(epoch, train_loss, train_acc, val_loss, val_acc)
             row: dict[str, float] = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                 "val_acc": val_acc, "gap_loss": gap.loss, "gap_acc": gap.acc,
                 **weight_stats(model, config.near_zero),
-                "images_per_s": seen / max(train_seconds, 1e-9), "lr": lr,
+                "images_per_s": seen_all / max(train_seconds, 1e-9), "lr": lr,
                 "seconds": time.perf_counter() - start,
             }
-            history.rows.append(row)
-            log(_format_row(row))
+            for callback in callbacks:
+                callback.on_epoch_end(row)
+            state.rows.append(row)
+            say(format_row(row))
             if gap.warning:
-                log(f"warning: {gap.warning}")
-            improved = val_loss < best_loss - config.min_delta
+                say(f"warning: {gap.warning}")
+            improved = val_loss < state.best_loss - config.min_delta
             if improved:
-                best_loss, best_state, since_best = val_loss, _state_copy(model), 0
-                history.best_epoch = epoch
+                state.best_loss, state.best_state, state.since_best = val_loss, _state_copy(model), 0
+                state.best_epoch = epoch
             else:
-                since_best += 1
+                state.since_best += 1
             if out is not None:
-                _append_metrics(out, row)
+                write_metrics(out, state.rows)
                 if improved:
-                    _save(out / "best.pt", best_state, config, epoch, row)
-                _save(out / "last.pt", _state_copy(model), config, epoch, row)
-            if since_best >= config.patience and epoch < config.epochs:
-                history.stopped_early = True
-                log(f"early stop after epoch {epoch}: val loss did not improve for {since_best} epochs; "
-                    f"restoring epoch {history.best_epoch}")
-                break
-            if scheduler is not None:
+                    _save_weights(out / "best.pt", state.best_state, config, epoch, row)
+                _save_weights(out / "last.pt", _state_copy(model), config, epoch, row)
+            if state.since_best >= config.patience and epoch < config.epochs:
+                state.stopped_early = True
+                say(f"early stop after epoch {epoch}: val loss did not improve for {state.since_best} epochs; "
+                    f"restoring epoch {state.best_epoch}")
+            elif scheduler is not None:
                 scheduler.step()
-    model.load_state_dict(best_state)
-    if out is not None:
-        plot_curves(history.rows, out / "curves.png", best_epoch=history.best_epoch)
+            run.checkpoint(epoch_done=True, sums=[0.0, 0.0, 0.0], data_state=data_state)
+            state.epoch, state.step, sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+    history.rows, history.best_epoch, history.stopped_early = state.rows, state.best_epoch, state.stopped_early
+    model.load_state_dict(state.best_state)
+    if out is not None and state.rows:
+        plot_curves(state.rows, out / "curves.png", best_epoch=history.best_epoch)
+    for callback in callbacks:
+        callback.on_train_end(history)
     return history
 
 
-def _append_metrics(out: Path, row: dict[str, float]) -> None:
-    csv_path = out / "metrics.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_KEYS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def plot_curves(rows: Sequence[dict[str, float]], path: Path, *, best_epoch: int | None = None) -> None:
-    """Two panels, loss and accuracy, train vs val per epoch; a dashed line marks the best epoch."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker=".", label="val")
-    ax_loss.set(title="loss (cross-entropy)", xlabel="epoch", ylabel="loss")
-    ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], marker=".", label="train")
-    ax_acc.plot(epochs, [100 * r["val_acc"] for r in rows], marker=".", label="val")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (ax_loss, ax_acc):
-        if best_epoch:
-            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
-                       label=f"best (epoch {best_epoch})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.savefig(path, dpi=100)
+def _quiet(_line: str) -> None:
+    """The log of ranks other than 0."""
