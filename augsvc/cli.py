@@ -4,8 +4,8 @@
 logs go to stderr.
 
 Every `serve` flag also reads an environment variable (AUGSVC_<FLAG>, e.g. AUGSVC_PORT,
-AUGSVC_WORKERS, AUGSVC_DATASETS="a=builtin:digits,b=/data/b.npz"), so containers are configured
-either way; flags win.
+AUGSVC_WORKERS, AUGSVC_DATASETS="a=builtin:digits,b=/data/b.npz", AUGSVC_DECODE_SIZES,
+AUGSVC_LAYOUTS), so containers are configured either way; flags win.
 """
 
 from __future__ import annotations
@@ -29,6 +29,21 @@ def _env_int(name: str, default: int | None) -> int | None:
     return int(value) if value not in (None, "") else default
 
 
+def _env_list(name: str) -> list[str]:
+    return [item for item in (_env(name, "") or "").split(",") if item]
+
+
+def _named(flag: str, args: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` flags as a dict."""
+    out = {}
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{flag} {arg!r}: expected NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the augmentation service")
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="bind address (default 127.0.0.1)")
@@ -36,12 +51,24 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--unix", default=_env("unix"), help="serve on this unix socket path instead")
     p.add_argument("--workers", type=int, default=_env_int("workers", None),
                    help="worker processes (default: the CPU quota this container may use)")
-    env_ds = [d for d in (_env("datasets", "") or "").split(",") if d]
-    p.add_argument("--dataset", action="append", default=env_ds, metavar="NAME=SOURCE",
-                   help="serve a dataset: an image folder (one sub-folder per class), an .npz with "
-                        "images and labels, or builtin:digits (repeatable)")
+    p.add_argument("--dataset", action="append", default=_env_list("datasets"), metavar="NAME=SOURCE",
+                   help="serve a dataset: an image folder (one sub-folder per class), a manifest (.csv rows "
+                        "path,label or .jsonl), an .npz with images and labels, or builtin:digits (repeatable)")
     p.add_argument("--builtin-side", type=int, default=_env_int("builtin_side", 32))
-    p.add_argument("--cache-budget-mb", type=int, default=_env_int("cache_budget_mb", 2048))
+    p.add_argument("--cache-budget-mb", type=int, default=_env_int("cache_budget_mb", 2048),
+                   help="per dataset: its decoded pixels in shared memory if they fit, else its files' bytes "
+                        "if they fit, else only its file paths (default 2048)")
+    p.add_argument("--decode-size", action="append", default=_env_list("decode_sizes"), metavar="NAME=EDGE:SIDE",
+                   help="decode dataset NAME's JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) whose result still "
+                        "reaches SIDE on its shorter (EDGE=shorter) or longer (EDGE=max) side, e.g. "
+                        "photos=shorter:256 (repeatable)")
+    p.add_argument("--layout", action="append", default=_env_list("layouts"), metavar="NAME=LAYOUT",
+                   help="hold dataset NAME as decoded, encoded or files whatever the cache budget (repeatable)")
+    p.add_argument("--on-bad-file", choices=["fail", "skip"], default=_env("on_bad_file", "fail"),
+                   help="files whose header cannot be read: refuse to start, listing them (fail, the default), "
+                        "or leave them out with a logged count (skip)")
+    p.add_argument("--verify", action="store_true", default=_env("verify", "") in ("1", "true"),
+                   help="decode every dataset file at start, so that corrupt data is found then (slow)")
     p.add_argument("--max-image-side", type=int, default=_env_int("max_image_side", 4096))
     p.add_argument("--max-batch-mb", type=int, default=_env_int("max_batch_mb", 64))
     p.add_argument("--max-inflight", type=int, default=_env_int("max_inflight", None))
@@ -73,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         workers=args.workers, datasets=dict(parse_dataset_arg(d) for d in args.dataset),
         builtin_side=args.builtin_side, cache_budget_bytes=args.cache_budget_mb << 20,
+        decode_sizes=_named("--decode-size", args.decode_size), layouts=_named("--layout", args.layout),
+        on_bad_file=args.on_bad_file, verify=args.verify,
         max_image_side=args.max_image_side, max_batch_bytes=args.max_batch_mb << 20,
         max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
@@ -95,7 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.start()
     where = address if args.unix else f"{host}:{port}"
     log.info("serving on %s with %d workers; datasets: %s", where, server.pool.worker_count,
-             ", ".join(server.datasets) or "none")
+             ", ".join(f"{ds.name} ({ds.num_samples} images, {ds.layout})" for ds in server.datasets.values())
+             or "none")
     # The line on stdout that launchers (augsvc.launcher) and scripts wait for.
     ready = ReadyLine(address=where, host=None if args.unix else args.host, port=port,
                       pid=os.getpid(), workers=server.pool.worker_count, metrics_port=server.metrics_port,

@@ -3,6 +3,7 @@
     AugsvcError                                                                  status code
      ├── SpecError            (also ValueError)   invalid augmentation spec      INVALID_ARGUMENT
      ├── InvalidInputError    (also ValueError)   bad tensor, image or request   INVALID_ARGUMENT
+     │    └── BadSampleError                      a dataset file does not decode INVALID_ARGUMENT
      ├── NotFoundError        (also LookupError)  unknown dataset                NOT_FOUND
      ├── LimitExceededError                       image side, batch bytes, load  RESOURCE_EXHAUSTED
      ├── UnavailableError                         server unreachable; retry      UNAVAILABLE
@@ -58,6 +59,11 @@ class InvalidInputError(AugsvcError, ValueError):
     """A tensor, image or request field is malformed (shape, dtype, size, encoding, range)."""
 
     status_code_name = "INVALID_ARGUMENT"
+
+
+class BadSampleError(InvalidInputError):
+    """A sample of a served dataset does not decode (corrupt or truncated file); the message
+    names the sample id and the dataset, never the file's path. Servers count these."""
 
 
 class NotFoundError(AugsvcError, LookupError):

@@ -31,7 +31,7 @@ from .datasets import Dataset
 from .engine import BACKENDS
 from .errors import InvalidInputError, NotFoundError, SpecError
 from .plan import PlanCache, epoch_permutation, num_batches
-from .shm import CLIENT_SEGMENT_PREFIX, CLIENT_TOKEN_BYTES, is_client_segment
+from .shm import CLIENT_SEGMENT_FORM, CLIENT_TOKEN_BYTES, is_client_segment
 from .spec import Spec, load_spec
 from .tensors import decode_tensor
 from .v1 import augment_pb2 as pb
@@ -276,7 +276,7 @@ def client_segments(request: pb.StreamBatchesRequest, count: int) -> list[Client
     for j, seg in enumerate(segments):
         if not is_client_segment(seg.name):
             raise InvalidInputError(f"shm_segments[{j}].name: {seg.name[:80]!r} is not a client segment name; "
-                                    f"expected {CLIENT_SEGMENT_PREFIX}<pid>_<8 hex digits>_<tag>")
+                                    f"expected {CLIENT_SEGMENT_FORM}")
         if len(seg.token) != CLIENT_TOKEN_BYTES:
             raise InvalidInputError(f"shm_segments[{j}].token: {len(seg.token)} bytes; expected "
                                     f"{CLIENT_TOKEN_BYTES}")

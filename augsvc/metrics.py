@@ -21,6 +21,8 @@ class ServerMetrics:
                               registry=self.registry)
         self.worker_restarts = Gauge("augsvc_worker_restarts", "Worker processes replaced after dying",
                                      registry=self.registry)
+        self.bad_samples = Counter("augsvc_bad_samples_total", "Requests that named a dataset sample whose file "
+                                   "does not decode (corrupt or truncated)", registry=self.registry)
         self.workers_alive = Gauge("augsvc_workers_alive", "Worker processes alive", registry=self.registry)
         self._http: Any = None
 

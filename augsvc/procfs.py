@@ -1,5 +1,5 @@
-"""Processes as Linux's /proc shows them: liveness, parent, descendants, start time, CPU time,
-memory, and the shared-memory segments a process created.
+"""Processes as Linux's /proc shows them: liveness, parent, descendants, start time, pid namespace,
+CPU time and memory (the shared-memory segments a process created: `augsvc.shm.segments_of`).
 
 A process that is gone (or a zombie, which has exited and only waits to be reaped) reads as not
 alive, with no parent, no start time and no CPU time, so callers can poll without racing its exit.
@@ -11,10 +11,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .shm import SEGMENT_PREFIX
-
-__all__ = ["alive", "cpu_seconds", "descendants", "parent_of", "peak_rss_mb", "reset_peak_rss", "rss_mb",
-           "segments_of", "start_time", "status_kb"]
+__all__ = ["alive", "cpu_seconds", "descendants", "parent_of", "peak_rss_mb", "pid_namespace", "reset_peak_rss",
+           "rss_mb", "start_time", "status_kb"]
 
 #: Indices into the fields of /proc/<pid>/stat that follow the command name (field 3 is index 0).
 _STATE, _PPID, _UTIME, _STIME, _STARTTIME = 0, 1, 11, 12, 19
@@ -52,6 +50,15 @@ def start_time(pid: int) -> int | None:
     belongs to a process with another start time."""
     fields = _live_stat_fields(pid)
     return int(fields[_STARTTIME]) if fields else None
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace (/proc/self/ns/pid); None where /proc cannot tell.
+    Pids are only comparable between processes of one namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def descendants(pid: int) -> set[int]:
@@ -112,9 +119,3 @@ def reset_peak_rss(pid: int) -> bool:
     except OSError:
         return False
 
-
-def segments_of(pid: int) -> set[str]:
-    """Names of the shared-memory segments in /dev/shm that process `pid` created (augsvc names
-    every segment after its creator: ``augsvc_<pid>_...``)."""
-    prefix = f"{SEGMENT_PREFIX}{pid}_"
-    return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}

@@ -1,5 +1,6 @@
-"""The gRPC server: `create_server(address, settings) -> (server, port)` loads the datasets, starts
-the worker pool first, then builds the gRPC server around the Augmenter servicer
+"""The gRPC server: `create_server(address, settings) -> (server, port)` removes the shared-memory
+segments of augsvc processes that no longer exist (`augsvc.shm.sweep_stale_segments`), loads the
+datasets, starts the worker pool first, then builds the gRPC server around the Augmenter servicer
 (`augsvc.servicer`) with health, reflection, the token interceptor and TLS, so no process is
 forked once gRPC threads exist (DESIGN contract 5). `AugmentServer.stop()` drains and frees.
 `ServerSettings` (augsvc/settings.py) is re-exported here, where servers are made.
@@ -15,11 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .datasets import Dataset, load_dataset
+from .errors import InvalidInputError
 from .metrics import ServerMetrics
 from .pool import WorkerPool, default_workers
 from .security import TokenInterceptor, is_local_address, server_credentials
 from .servicer import SERVICE_NAME, AugmenterServicer, add_augmenter_servicer
 from .settings import ServerSettings
+from .shm import sweep_stale_segments
 
 __all__ = ["SERVICE_NAME", "AugmentServer", "ServerSettings", "create_server"]
 
@@ -79,6 +82,27 @@ class AugmentServer:
         self.stop(0)
 
 
+def load_datasets(settings: ServerSettings) -> dict[str, Dataset]:
+    """The settings' datasets, loaded (each closed again if a later one fails)."""
+    for option in ("decode_sizes", "layouts"):
+        unknown = sorted(set(getattr(settings, option)) - set(settings.datasets))
+        if unknown:
+            raise InvalidInputError(f"{option}: {', '.join(unknown)} is not a served dataset; served: "
+                                    f"{', '.join(settings.datasets) or 'none'}")
+    datasets: dict[str, Dataset] = {}
+    try:
+        for name, source in settings.datasets.items():
+            datasets[name] = load_dataset(
+                name, source, builtin_side=settings.builtin_side, cache_budget_bytes=settings.cache_budget_bytes,
+                decode_size=settings.decode_sizes.get(name), layout=settings.layouts.get(name, "auto"),
+                on_bad_file=settings.on_bad_file, verify=settings.verify)
+    except BaseException:
+        for ds in datasets.values():
+            ds.close()
+        raise
+    return datasets
+
+
 def create_server(address: str, settings: ServerSettings | None = None) -> tuple[AugmentServer, int]:
     """Build a server bound to `address` ('127.0.0.1:0', '[::1]:50051', 'unix:/path'); returns it
     (not yet started: call `.start()`) and the bound port (0 for unix sockets)."""
@@ -91,9 +115,8 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
     if not tls and not settings.insecure and not is_local_address(address):
         raise ValueError(f"address: {address!r} is not loopback or a unix socket; serve it with TLS "
                          "(tls_cert/tls_key) or pass insecure=True (--insecure) explicitly")
-    datasets = {name: load_dataset(name, source, builtin_side=settings.builtin_side,
-                                   cache_budget_bytes=settings.cache_budget_bytes)
-                for name, source in settings.datasets.items()}
+    sweep_stale_segments()
+    datasets = load_datasets(settings)
     pool = WorkerPool(settings.workers or default_workers(), datasets=datasets,
                       max_batch_bytes=settings.max_batch_bytes, max_inflight=settings.max_inflight,
                       max_image_side=settings.max_image_side)

@@ -22,9 +22,9 @@ import grpc
 import numpy as np
 
 from . import __version__
-from .datasets import Dataset
+from .datasets import JPEG_DECODER, Dataset
 from .engine import BACKENDS
-from .errors import AugsvcError, CancelledError, grpc_status
+from .errors import AugsvcError, BadSampleError, CancelledError, grpc_status
 from .jobs import (
     BatchRange,
     ClientSegment,
@@ -108,6 +108,8 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         code, message = grpc_status(exc)
         if not isinstance(exc, AugsvcError):
             log.exception("internal error in %s", method)
+        elif isinstance(exc, BadSampleError):
+            self._metrics.bad_samples.inc()
         self._metrics.errors.labels(method, code.name).inc()
         context.abort(code, message)
 
@@ -205,20 +207,21 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
             refuse_malformed(request)
             infos = [pb.DatasetInfo(name=ds.name, num_samples=ds.num_samples, num_classes=len(ds.class_names),
                                     class_names=ds.class_names, image_shape=list(ds.image_shape or ()),
-                                    source=ds.kind) for ds in self._datasets.values()]
+                                    source=ds.kind, layout=ds.layout, decode_size=str(ds.decode_size or ""))
+                     for ds in self._datasets.values()]
             return pb.ListDatasetsResponse(datasets=infos)
 
         return self._guard("ListDatasets", context, body)
 
     def GetServerInfo(self, request: pb.ServerInfoRequest | MalformedRequest, context: grpc.ServicerContext
                       ) -> pb.ServerInfo:
-        """This server's version, workers, backends and limits."""
+        """This server's version, workers, backends, limits and JPEG decoder."""
         def body() -> pb.ServerInfo:
             refuse_malformed(request)
             return pb.ServerInfo(version=__version__, workers=self._pool.worker_count, backends=list(BACKENDS),
                                  max_image_side=self._limits.max_image_side,
                                  max_batch_bytes=self._limits.max_batch_bytes,
                                  max_inflight=self._pool.max_inflight, hostname=socket.gethostname(),
-                                 pid=os.getpid())
+                                 pid=os.getpid(), decoder=JPEG_DECODER)
 
         return self._guard("GetServerInfo", context, body)

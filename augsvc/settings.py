@@ -16,7 +16,11 @@ class ServerSettings:
     workers: int | None = None                 # None: the CPU quota this process may use
     datasets: dict[str, str] = field(default_factory=dict)   # name -> source
     builtin_side: int = 32
-    cache_budget_bytes: int = 2 << 30
+    cache_budget_bytes: int = 2 << 30           # per dataset: decoded if its pixels fit, else encoded, else files
+    decode_sizes: dict[str, str] = field(default_factory=dict)  # name -> "shorter:256" | "max:512"
+    layouts: dict[str, str] = field(default_factory=dict)       # name -> "decoded" | "encoded" | "files"
+    on_bad_file: str = "fail"                  # files whose header cannot be read: "fail" | "skip"
+    verify: bool = False                       # decode every file at start
     max_image_side: int = DEFAULT_MAX_SIDE
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     max_inflight: int | None = None            # jobs queued or running in the pool

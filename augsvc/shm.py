@@ -1,16 +1,23 @@
 """POSIX shared-memory segments: created (and unlinked) by one process, attached by others.
 
-Names are ``augsvc_<creator pid>_<random>_<tag>``, so an operator (or a test) can tell whose a
-leftover in /dev/shm is. The creator registers each segment with multiprocessing's resource
-tracker, which unlinks it if the creator dies without `release_segment(..., unlink=True)`.
-Readers attach without registering (see `attach_segment`) and never unlink. A client on the
-server's host may create ``augsvc_client_<pid>_<random>_<tag>`` segments for the server to write
-replies into (StreamBatchesRequest.shm_segments).
+This module owns the names. Every segment augsvc creates is
+``augsvc_<creator pid>_<owner>_<random>_<tag>``, where ``<owner>`` is
+``<start time>.<pid namespace>`` in hex: the creator's start (clock ticks after boot, from
+/proc/<pid>/stat) and the inode of its pid namespace. A pid and its start time name one process,
+even after the pid is used again, and the namespace says whose pids these are when containers
+share /dev/shm. The creator registers each segment with multiprocessing's resource tracker,
+which unlinks it if the creator dies without `release_segment(..., unlink=True)`; when the whole
+process group is killed (an OOM kill, a supervisor's SIGKILL) the tracker dies too, and the next
+server to start removes what is left (`sweep_stale_segments`). Readers attach without registering
+(see `attach_segment`) and never unlink. A client on the server's host may create
+``augsvc_client_<pid>_<owner>_<random>_<tag>`` segments for the server to write replies into
+(StreamBatchesRequest.shm_segments); names without ``<owner>`` (older clients) are still accepted.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -26,21 +33,83 @@ from typing import cast
 import numpy as np
 
 from .errors import LimitExceededError
+from .procfs import alive, pid_namespace, start_time
 
-__all__ = ["CLIENT_HEADER_BYTES", "CLIENT_SEGMENT_PREFIX", "CLIENT_TOKEN_BYTES", "SEGMENT_PREFIX", "attach_segment",
-           "client_pixels", "create_client_segment", "create_segment", "is_client_segment", "is_unlinked",
-           "release_segment", "usable_client_segment"]
+__all__ = ["CLIENT_HEADER_BYTES", "CLIENT_SEGMENT_FORM", "CLIENT_SEGMENT_PREFIX", "CLIENT_TOKEN_BYTES",
+           "SEGMENT_PREFIX", "SHM_DIR", "attach_segment", "client_pixels", "create_client_segment", "create_segment",
+           "is_client_segment", "is_unlinked", "release_segment", "segments_of", "sweep_stale_segments",
+           "usable_client_segment"]
 
-#: Every segment augsvc creates is named ``augsvc_<creator pid>_<random>_<tag>``.
+log = logging.getLogger("augsvc.shm")
+
+#: Every segment augsvc creates is named ``augsvc_<creator pid>_<owner>_<random>_<tag>``.
 SEGMENT_PREFIX = "augsvc_"
 #: Segments a client creates for the shared-memory reply path; a server writes into no others.
 CLIENT_SEGMENT_PREFIX = SEGMENT_PREFIX + "client_"
-_CLIENT_NAME = re.compile(re.escape(CLIENT_SEGMENT_PREFIX) + r"[0-9]{1,10}_[0-9a-f]{8}_[a-z]{1,16}")
+#: The form of a client segment's name, for messages.
+CLIENT_SEGMENT_FORM = CLIENT_SEGMENT_PREFIX + "<pid>_<start time>.<pid namespace>_<8 hex digits>_<tag>"
+SHM_DIR = "/dev/shm"
+_OWNER = r"(?P<start>[0-9a-f]{1,16})\.(?P<ns>[0-9a-f]{1,16})"
+_CLIENT_NAME = re.compile(re.escape(CLIENT_SEGMENT_PREFIX)
+                          + rf"[0-9]{{1,10}}_(?:{_OWNER}_)?[0-9a-f]{{8}}_[a-z]{{1,16}}")
+_OWNED_NAME = re.compile(re.escape(SEGMENT_PREFIX) + rf"(?:client_)?(?P<pid>[0-9]{{1,10}})_{_OWNER}_[0-9a-f]{{8}}_\w+")
 
 
 def is_client_segment(name: str) -> bool:
     """True for names `create_segment(..., client=True)` makes (never a server's own segment)."""
     return _CLIENT_NAME.fullmatch(name) is not None
+
+
+_owner_tags: dict[int, str] = {}
+
+
+def _owner_tag() -> str:
+    """``_<start time>.<pid namespace>`` of this process ('' where /proc cannot tell)."""
+    pid = os.getpid()
+    if pid not in _owner_tags:
+        started, ns = start_time(pid), pid_namespace()
+        _owner_tags[pid] = "" if started is None or ns is None else f"_{started:x}.{ns:x}"
+    return _owner_tags[pid]
+
+
+def segments_of(pid: int) -> set[str]:
+    """Names of the segments in /dev/shm that process `pid` created (a server's, not a client's)."""
+    prefix = f"{SEGMENT_PREFIX}{pid}_"
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(prefix)}
+
+
+def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink the segments whose creator no longer exists: its pid is gone, or now belongs to a
+    process that started at another time. Only segments of this pid namespace are judged (another
+    namespace's pids mean nothing here), and names without an owner tag are left alone. Returns
+    the names removed (and logs them)."""
+    own_ns, freed = pid_namespace(), 0
+    removed: list[str] = []
+    if own_ns is None:
+        return removed
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _OWNED_NAME.fullmatch(name)
+        if m is None or int(m["ns"], 16) != own_ns:
+            continue
+        pid = int(m["pid"])
+        if alive(pid) and start_time(pid) == int(m["start"], 16):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except OSError:  # gone already, or not ours to remove
+            continue
+        removed.append(name)
+        freed += size
+    if removed:
+        log.warning("removed %d shared-memory segments (%.1f MB) that augsvc processes which no longer exist "
+                    "left in %s: %s", len(removed), freed / 1e6, shm_dir, ", ".join(sorted(removed)[:10]))
+    return removed
 
 
 def create_segment(size: int, tag: str, *, reserve: bool, client: bool = False) -> SharedMemory:
@@ -61,7 +130,7 @@ def create_segment(size: int, tag: str, *, reserve: bool, client: bool = False) 
         warnings.warn(msg, ResourceWarning, stacklevel=2)
     while True:
         prefix = CLIENT_SEGMENT_PREFIX if client else SEGMENT_PREFIX
-        name = f"{prefix}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
+        name = f"{prefix}{os.getpid()}{_owner_tag()}_{secrets.token_hex(4)}_{tag}"
         try:
             shm = SharedMemory(name=name, create=True, size=size)
         except FileExistsError:

@@ -128,7 +128,7 @@ class _Worker:
     def images(self, job: Job) -> Any:
         """The job's input images: read from the dataset, or from the input slot."""
         if isinstance(job, DatasetBatch):
-            return self.datasets[job.dataset].gather(job.sample_ids, limits=self.limits)
+            return self.datasets[job.dataset].gather(job.sample_ids, copy=False)  # used before the next job
         if job.shape is not None:
             return np.ndarray(job.shape, np.uint8, buffer=self.in_shm.buf)
         from .datasets import decode_images

@@ -77,9 +77,9 @@ def test_bad_sources_name_the_argument(source: str, fragment: str) -> None:
 
 
 def test_unknown_source_kind(tmp_path: Path) -> None:
-    (tmp_path / "data.csv").write_text("1,2,3")
+    (tmp_path / "data.txt").write_text("1,2,3")
     with pytest.raises(InvalidInputError, match="unknown source kind"):
-        load_dataset("d", str(tmp_path / "data.csv"))
+        load_dataset("d", str(tmp_path / "data.txt"))
 
 
 # -- builtin:digits -----------------------------------------------------------------------------

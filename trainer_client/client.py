@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -96,7 +97,9 @@ class DatasetInfo:
     num_classes: int
     class_names: tuple[str, ...]
     image_shape: tuple[int, ...] | None  # (H, W, C) when every image has that shape; None when sizes differ
-    source: str  # kind of source: "folder", "npz", "builtin"
+    source: str  # kind of source: "folder", "manifest", "npz", "builtin"
+    layout: str = ""  # how the server holds it: "decoded", "encoded" or "files" ("" from older servers)
+    decode_size: str = ""  # its declared decode size, e.g. "shorter:256"; "" for full size
 
     @classmethod
     def from_proto(cls, msg: pb.DatasetInfo) -> DatasetInfo:
@@ -117,10 +120,16 @@ class ServerInfo:
     max_inflight: int
     hostname: str
     pid: int
+    decoder: str = ""  # what decodes JPEG there, with its version ("" from older servers)
 
     @classmethod
     def from_proto(cls, msg: pb.ServerInfo) -> ServerInfo:
         return cls(**_proto_fields(cls, msg))
+
+
+class DecoderMismatchWarning(UserWarning):
+    """Endpoints decode JPEG with different libraries or versions, so the same sample of a JPEG
+    dataset may come back with different pixels depending on the server that made it."""
 
 
 def parse_targets(target_or_endpoints: str | Sequence[str]) -> list[str]:
@@ -186,6 +195,7 @@ class AugmentClient:
                                                 response_deserializer=parse_reply) for ch in self._channels]
         self._next = itertools.count()
         self._lock = threading.Lock()
+        self._decoders: dict[str, str] = {}  # decoder -> the first server ("hostname pid") that reported it
 
     # -- endpoints -------------------------------------------------------------------------------
     @property
@@ -257,8 +267,33 @@ class AugmentClient:
         raise NotFoundError(f"dataset: {name!r} is not served at {', '.join(self.targets)}")
 
     def server_info(self) -> ServerInfo:
-        """Version, workers, backends and limits of the server that answers."""
-        return ServerInfo.from_proto(self._call("GetServerInfo", pb.ServerInfoRequest(), None))
+        """Version, workers, backends, limits and decoder of the server that answers (warns with
+        DecoderMismatchWarning when its decoder differs from one seen before)."""
+        return self._note_decoder(ServerInfo.from_proto(self._call("GetServerInfo", pb.ServerInfoRequest(), None)))
+
+    def server_infos(self) -> list[ServerInfo]:
+        """The ServerInfo of every endpoint, one call each (warns with DecoderMismatchWarning when
+        they report different decoders)."""
+        infos = []
+        for stub in self._stubs:
+            try:
+                reply = stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise status_error(exc) from exc
+            infos.append(self._note_decoder(ServerInfo.from_proto(reply)))
+        return infos
+
+    def _note_decoder(self, info: ServerInfo) -> ServerInfo:
+        if not info.decoder:
+            return info
+        with self._lock:
+            self._decoders.setdefault(info.decoder, f"{info.hostname} pid {info.pid}")
+            seen = dict(self._decoders)
+        if len(seen) > 1:
+            warnings.warn(DecoderMismatchWarning(
+                "endpoints decode JPEG differently, so a JPEG dataset's samples may differ between servers: "
+                + "; ".join(f"{where}: {decoder}" for decoder, where in seen.items())), stacklevel=3)
+        return info
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until every endpoint's channel is connected."""

@@ -292,20 +292,24 @@ class ListDatasetsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "num_samples", "num_classes", "class_names", "image_shape", "source")
+    __slots__ = ("name", "num_samples", "num_classes", "class_names", "image_shape", "source", "layout", "decode_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_samples: int
     num_classes: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
     image_shape: _containers.RepeatedScalarFieldContainer[int]
     source: str
-    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ...) -> None: ...
+    layout: str
+    decode_size: str
+    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ..., layout: _Optional[str] = ..., decode_size: _Optional[str] = ...) -> None: ...
 
 class ListDatasetsResponse(_message.Message):
     __slots__ = ("datasets",)
@@ -318,7 +322,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "workers", "backends", "max_image_side", "max_batch_bytes", "max_inflight", "hostname", "pid")
+    __slots__ = ("version", "workers", "backends", "max_image_side", "max_batch_bytes", "max_inflight", "hostname", "pid", "decoder")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +331,7 @@ class ServerInfo(_message.Message):
     MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    DECODER_FIELD_NUMBER: _ClassVar[int]
     version: str
     workers: int
     backends: _containers.RepeatedScalarFieldContainer[str]
@@ -335,4 +340,5 @@ class ServerInfo(_message.Message):
     max_inflight: int
     hostname: str
     pid: int
-    def __init__(self, version: _Optional[str] = ..., workers: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ..., max_image_side: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_inflight: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    decoder: str
+    def __init__(self, version: _Optional[str] = ..., workers: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ..., max_image_side: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_inflight: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., decoder: _Optional[str] = ...) -> None: ...

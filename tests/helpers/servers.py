@@ -22,9 +22,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from augsvc.launcher import ServeProcess
-from augsvc.procfs import alive, descendants, parent_of, segments_of  # noqa: F401 - re-exported for the tests
+from augsvc.procfs import alive, descendants, parent_of  # noqa: F401 - re-exported for the tests
 from augsvc.server import AugmentServer, ServerSettings, create_server
-from augsvc.shm import SEGMENT_PREFIX  # noqa: F401 - re-exported for the tests
+from augsvc.shm import SEGMENT_PREFIX, segments_of  # noqa: F401 - re-exported for the tests
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
 
 TIMEOUT = 30.0

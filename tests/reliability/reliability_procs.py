@@ -28,10 +28,10 @@ from augsvc.procfs import (  # noqa: F401 - re-exported for the tests
     peak_rss_mb,
     reset_peak_rss,
     rss_mb,
-    segments_of,
     status_kb,
 )
 from augsvc.server import AugmentServer, ServerSettings, create_server
+from augsvc.shm import segments_of  # noqa: F401 - re-exported for the tests
 
 TIMEOUT = 30.0
 READY_TIMEOUT = 120.0

@@ -1,0 +1,208 @@
+"""Encoded images to pixels: one function for every layout, every worker and every server.
+
+JPEG goes through libjpeg-turbo via simplejpeg (`JPEG_DECODER`, pinned exactly in the package, so
+every server decodes the same bytes); PNG goes through Pillow, whose decoding is lossless. A
+file's header is read once (`probe`) and says how it decodes: its format, size and whether it is
+grayscale. Conversions, whatever the file holds:
+
+- grayscale (JPEG Gray; PNG 1/L/LA, 16-bit gray) -> L, or its value on every channel when the
+  dataset (or request batch) is RGB; C=1 only when every image of it is grayscale;
+- colour (YCbCr/RGB JPEG, RGB/RGBA/palette PNG) -> RGB; CMYK and YCCK JPEG -> RGB by
+  libjpeg-turbo's conversion;
+- alpha (LA, RGBA, a palette's transparency) is dropped, not composited;
+- 16-bit samples keep their high byte (v >> 8);
+- EXIF orientation is not applied: pixels are used as stored.
+
+A declared decode size (`DecodeSize`) makes a JPEG decode at the smallest DCT scale (1/2, 1/4,
+1/8) whose result still reaches it (`dct_scale`): a function of the file's size and the
+dataset's setting only, so every layout decodes, and caches, the same pixels. PNG has no such
+scale and decodes whole.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+import simplejpeg
+
+from ..errors import InvalidInputError, LimitExceededError
+from ..validation import Limits
+
+__all__ = ["DCT_SCALES", "JPEG_DECODER", "DecodeFailed", "DecodeSize", "Header", "TooManyPixels", "dct_scale", "decode",
+           "decode_images", "probe"]
+
+#: What decodes JPEG on this server (its exact version is pinned; reported by GetServerInfo).
+JPEG_DECODER = f"simplejpeg {version('simplejpeg')}"
+#: The DCT scales libjpeg-turbo decodes fast, largest reduction first.
+DCT_SCALES = (8, 4, 2)
+JPEG, PNG = 1, 2
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class DecodeFailed(Exception):
+    """An encoded image that cannot be read or decoded; the message says why, never where from."""
+
+
+class TooManyPixels(DecodeFailed):
+    """A header that claims more pixels than Pillow's decompression-bomb limit."""
+
+
+@dataclass(frozen=True)
+class DecodeSize:
+    """The size a dataset is used at: its images' shorter (or longer) side should reach `side`."""
+
+    side: int
+    edge: str = "shorter"    # "shorter" | "max"
+
+    def __post_init__(self) -> None:
+        if self.edge not in ("shorter", "max"):
+            raise InvalidInputError(f"decode size: {self.edge!r} is not allowed; expected shorter or max")
+        if not 1 <= self.side <= 65535:
+            raise InvalidInputError(f"decode size: {self.side} is outside [1, 65535]")
+
+    @classmethod
+    def parse(cls, text: str) -> DecodeSize:
+        """``shorter:256`` or ``max:512``."""
+        edge, sep, side = text.partition(":")
+        if not sep or not side.strip().isdigit():
+            raise InvalidInputError(f"decode size: {text!r} is not EDGE:SIDE, e.g. shorter:256 or max:512")
+        return cls(int(side), edge.strip())
+
+    def __str__(self) -> str:
+        return f"{self.edge}:{self.side}"
+
+    def reaches(self, height: int, width: int) -> bool:
+        edge = min(height, width) if self.edge == "shorter" else max(height, width)
+        return edge >= self.side
+
+
+def scaled(height: int, width: int, scale: int) -> tuple[int, int]:
+    """The size libjpeg-turbo decodes an image of `height` x `width` to at 1/`scale`."""
+    return math.ceil(height / scale), math.ceil(width / scale)
+
+
+def dct_scale(height: int, width: int, size: DecodeSize | None) -> int:
+    """The DCT scale (8, 4, 2 or 1 for 1/8 .. full) a JPEG of this size decodes at: the smallest
+    result that still reaches `size` (1 without a declared size, or when only the full image does)."""
+    if size is not None:
+        for scale in DCT_SCALES:
+            if size.reaches(*scaled(height, width, scale)):
+                return scale
+    return 1
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an encoded image's header says: format (JPEG or PNG), size, and whether it is gray."""
+
+    format: int
+    height: int
+    width: int
+    gray: bool
+
+
+def probe(data: bytes | memoryview) -> Header:
+    """Read an encoded image's header (no pixels); DecodeFailed when it is not a readable PNG/JPEG.
+    A JPEG's header may need more than the first bytes of a file: the caller retries with all of it."""
+    head = bytes(data[:8])
+    if head.startswith(_JPEG_MAGIC):
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as exc:
+            raise DecodeFailed(f"not a readable JPEG header ({exc})") from None
+        return Header(JPEG, int(height), int(width), colorspace == "Gray")
+    if head == _PNG_MAGIC:
+        img = _open_png(data)
+        with img:
+            return Header(PNG, img.size[1], img.size[0], img.mode in _GRAY_MODES)
+    if not head:
+        raise DecodeFailed("the file is empty")
+    raise DecodeFailed("not a PNG/JPEG image")
+
+
+def _open_png(data: bytes | memoryview) -> Any:
+    from PIL import Image
+
+    try:
+        return Image.open(io.BytesIO(data), formats=("PNG",))  # no other decoders: less attack surface
+    except Image.DecompressionBombError:
+        raise TooManyPixels("the image has too many pixels") from None
+    except Exception:
+        raise DecodeFailed("not a readable PNG header") from None
+
+
+def decode(data: bytes | memoryview, header: Header, channels: int, scale: int = 1,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Pixels (H, W, `channels`) uint8 of an image whose header is `header`, at 1/`scale` for a JPEG
+    (`dct_scale`); into `out` (a C-contiguous array of exactly that shape) when given. DecodeFailed
+    for data that is corrupt or truncated."""
+    if header.format == JPEG:
+        h, w = scaled(header.height, header.width, scale)
+        try:
+            pixels: np.ndarray = simplejpeg.decode_jpeg(data, "GRAY" if channels == 1 else "RGB", min_height=h,
+                                                        min_width=w, min_factor=scale, buffer=out, strict=True)
+            return pixels
+        except ValueError as exc:
+            raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+    pixels = _png_pixels(data, channels)
+    if pixels.shape[:2] != (header.height, header.width):
+        raise DecodeFailed(f"decoded as {pixels.shape[:2]}, its header says {(header.height, header.width)}")
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out
+
+
+def _png_pixels(data: bytes | memoryview, channels: int) -> np.ndarray:
+    try:
+        with _open_png(data) as img:
+            if img.mode.startswith("I"):  # 16- (or 32-) bit gray: the high byte of 16 bits
+                gray = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                arr = gray if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2)
+            else:
+                arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except DecodeFailed:
+        raise
+    except Exception:
+        raise DecodeFailed("corrupt or truncated PNG data") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def decode_images(blobs: Sequence[bytes | memoryview], *, limits: Limits | None = None,
+                  field: str = "encoded_images") -> list[np.ndarray]:
+    """Decode PNG/JPEG bytes (a request's encoded images) to (H, W, C) uint8 at full size; C=1 only
+    when every image is grayscale.
+
+    Only headers are read first; with `limits`, an image side or a batch whose headers claim more
+    decoded pixels than allowed is refused (LimitExceededError) before any pixel is decoded."""
+    headers = []
+    for i, blob in enumerate(blobs):
+        try:
+            header = probe(blob)
+        except TooManyPixels as exc:
+            raise LimitExceededError(f"{field}[{i}]: {exc}") from None
+        except DecodeFailed:
+            raise InvalidInputError(f"{field}[{i}]: not a decodable PNG/JPEG image") from None
+        if limits is not None:
+            limits.check_header_side(f"{field}[{i}]", header.width, header.height)
+        headers.append(header)
+    channels = 1 if headers and all(h.gray for h in headers) else 3
+    if limits is not None:
+        claimed = sum(h.height * h.width for h in headers) * channels
+        limits.check_batch_bytes(field, claimed, "the images decode to ")
+    images = []
+    for i, (blob, header) in enumerate(zip(blobs, headers, strict=True)):
+        try:
+            images.append(decode(blob, header, channels))
+        except DecodeFailed:
+            raise InvalidInputError(f"{field}[{i}]: not a decodable PNG/JPEG image") from None
+    return images
+

@@ -1,0 +1,170 @@
+"""A dataset's shared-memory segment, in one of three layouts, and a worker's reader of it.
+
+- ``decoded`` — the pixels: one (N, H, W, C) array when every image has one shape, else the
+  pixels back to back with an offset table. Memory: the decoded pixels (H x W x C bytes each).
+- ``encoded`` — the files' bytes back to back with an offset table; workers decode the samples
+  they are asked for. Memory: the files' size (JPEG: about 5-10x less than decoded).
+- ``files``   — only the table below; workers read and decode the files. Memory: the paths.
+
+Datasets made from files also keep, in every layout, a table of their paths (for logs, never for
+clients) and of what each header said (format, size, DCT scale), so that every layout decodes
+a sample the same way (`augsvc.datasets.decode.decode`) — the decoded layout does it once, in the
+loading process. A sample that failed to decode there is marked bad, and a request for it fails
+as it would in the other layouts.
+
+A segment is a set of named arrays (`Field`) at 64-byte-aligned offsets; the `DatasetHandle`
+that describes it is small and picklable, whatever the dataset size. Only the creator of a
+segment unlinks it; readers never register their attachments with the resource tracker
+(`augsvc.shm.attach_segment`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from ..errors import BadSampleError
+from ..shm import attach_segment, create_segment, release_segment
+from .decode import DecodeFailed, Header, decode, probe
+from .scan import read_file
+from .sources import path_at
+
+__all__ = ["LAYOUTS", "DatasetHandle", "DatasetReader", "Field", "attach", "build_segment"]
+
+log = logging.getLogger("augsvc.datasets")
+
+#: The layouts, in the order the cache budget tries them.
+LAYOUTS = ("decoded", "encoded", "files")
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a dataset segment."""
+
+    name: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DatasetHandle:
+    """What a worker needs to read a dataset: picklable and small, whatever the dataset size."""
+
+    name: str
+    layout: str                                # "decoded" | "encoded" | "files"
+    segment: str
+    num_samples: int
+    channels: int
+    image_shape: tuple[int, int, int] | None   # (H, W, C) when every image has it
+    fields: tuple[Field, ...]
+
+
+def build_segment(arrays: Sequence[tuple[str, np.dtype[Any] | type, tuple[int, ...]]],
+                  fill: Callable[[dict[str, np.ndarray]], None]) -> tuple[SharedMemory, tuple[Field, ...]]:
+    """A new dataset segment holding `arrays` (name, dtype, shape), filled by `fill` with views of
+    them; unlinked again if filling fails."""
+    fields, offset = [], 0
+    for name, dtype, shape in arrays:
+        fields.append(Field(name, offset, np.dtype(dtype).str, tuple(int(s) for s in shape)))
+        offset += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN
+    shm = create_segment(offset, "ds", reserve=True)
+    try:
+        views = _views(shm, fields)
+        fill(views)
+        del views
+    except BaseException:
+        release_segment(shm, unlink=True)
+        raise
+    return shm, tuple(fields)
+
+
+def _views(shm: SharedMemory, fields: Sequence[Field]) -> dict[str, np.ndarray]:
+    return {f.name: np.ndarray(f.shape, np.dtype(f.dtype), buffer=shm.buf, offset=f.offset) for f in fields}
+
+
+class DatasetReader:
+    """A worker's view of one dataset; `gather` returns new arrays (unless asked for views), so the
+    mapping can close anytime."""
+
+    def __init__(self, handle: DatasetHandle) -> None:
+        if handle.layout not in LAYOUTS:
+            raise ValueError(f"unknown dataset layout {handle.layout!r}")
+        self.handle = handle
+        self._shm: SharedMemory | None = attach_segment(handle.segment)
+        self._a = _views(self._shm, handle.fields)
+
+    @property
+    def num_samples(self) -> int:
+        return self.handle.num_samples
+
+    def path(self, sample_id: int) -> str:
+        """The file of one sample of a dataset made from files (for logs, never for clients)."""
+        return path_at(self._a["paths"], self._a["path_offsets"], sample_id)
+
+    def gather(self, sample_ids: Any, *, copy: bool = True) -> np.ndarray | list[np.ndarray]:
+        """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
+        otherwise a list of (H, W, C) arrays. A sample that does not decode raises BadSampleError,
+        which names the sample id, not the path. The ids are indices checked when the job was
+        made (`augsvc.jobs`). copy=False: the decoded layout's mixed-size images are read-only
+        views of the shared pixels (no copy), valid only until `close()` (a worker's case)."""
+        ids = np.asarray(sample_ids, np.int64)
+        a, shape = self._a, self.handle.image_shape
+        if "bad" in a and ids.size and a["bad"][ids].any():
+            i = int(ids[np.flatnonzero(a["bad"][ids])[0]])
+            raise self._bad(i, "corrupt or truncated image data (found when the dataset was loaded)")
+        if "pixels" in a and a["pixels"].ndim == 4:
+            dense: np.ndarray = a["pixels"][ids]
+            return dense
+        out = np.empty((len(ids), *shape), np.uint8) if shape is not None else None
+        images = [self._one(int(i), None if out is None else out[k], copy) for k, i in enumerate(ids)]
+        return out if out is not None else images
+
+    def _one(self, i: int, out: np.ndarray | None, copy: bool) -> np.ndarray:
+        a, c = self._a, self.handle.channels
+        h, w = int(a["decoded_hw"][i, 0]), int(a["decoded_hw"][i, 1])
+        if self.handle.layout == "decoded":
+            start = int(a["pixel_offsets"][i])
+            view: np.ndarray = a["pixels"][start:start + h * w * c].reshape(h, w, c)
+            if copy:
+                return view.copy()
+            view.flags.writeable = False  # the engine never writes into its input
+            return view
+        header = Header(int(a["formats"][i]), int(a["header_hw"][i, 0]), int(a["header_hw"][i, 1]), False)
+        try:
+            if self.handle.layout == "encoded":
+                data: bytes | memoryview = a["data"][int(a["data_offsets"][i]):int(a["data_offsets"][i + 1])].data
+            else:
+                data = read_file(self.path(i))
+                now = probe(data)
+                if (now.format, now.height, now.width) != (header.format, header.height, header.width):
+                    raise DecodeFailed(f"the file changed since the dataset was loaded ({now.width}x{now.height}, "
+                                       f"it was {header.width}x{header.height})")
+            return decode(data, header, c, int(a["scales"][i]), out)
+        except DecodeFailed as exc:
+            raise self._bad(i, str(exc)) from None
+        except OSError as exc:
+            raise self._bad(i, f"the file cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+    def _bad(self, i: int, why: str) -> BadSampleError:
+        log.warning("dataset %r: sample %d (%s): %s", self.handle.name, i, self.path(i), why)
+        return BadSampleError(f"sample {i} of dataset {self.handle.name!r}: {why}")
+
+    def close(self) -> None:
+        """Drop this process's mapping (never unlinks: only the creator does)."""
+        if self._shm is not None:
+            self._a = {}
+            release_segment(self._shm, unlink=False)
+            self._shm = None
+
+
+def attach(handle: DatasetHandle) -> DatasetReader:
+    """Open a dataset in this process from its handle."""
+    return DatasetReader(handle)
+

@@ -1,0 +1,433 @@
+"""JPEG datasets: the decoder, the decode-size rule, the three layouts (same pixels from each),
+manifests and bad files. Small files made here from the sample photos; every test counts pixels
+and events, never time."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from helpers.servers import serve
+from PIL import Image
+
+from augsvc import augment_batch
+from augsvc.datasets import (
+    JPEG_DECODER,
+    LAYOUTS,
+    Dataset,
+    DecodeSize,
+    attach,
+    dct_scale,
+    decode_images,
+    load_dataset,
+)
+from augsvc.datasets.decode import DecodeFailed, decode, probe
+from augsvc.errors import BadSampleError, InvalidInputError
+from augsvc.pool import WorkerPool
+from augsvc.samples import sample_photo
+from augsvc.server import ServerSettings
+from augsvc.v1 import augment_pb2 as pb
+
+SPEC = {"transforms": [{"random_resized_crop": {"height": 24, "width": 24}}, {"hflip": {"p": 0.5}},
+                       {"color": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05, "p": 0.8}}]}
+EVAL_SPEC = {"transforms": [{"resize_shorter": {"side": 32}}, {"center_crop": {"height": 28, "width": 28}}]}
+#: (height, width) of the test files: some reach 2x, 4x the declared size below, some do not.
+SIZES = [(40, 52), (97, 61), (130, 200), (48, 48), (75, 110), (200, 130)]
+SIZE = DecodeSize(24)
+
+
+def jpeg(arr: np.ndarray | Image.Image) -> bytes:
+    buf = io.BytesIO()
+    (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    src = sample_photo()
+    rng = np.random.default_rng(seed)
+    y, x = int(rng.integers(0, 120)), int(rng.integers(0, 120))
+    return cv2.resize(src[y:y + 200, x:x + 200], (w, h), interpolation=cv2.INTER_AREA)
+
+
+def make_jpeg_folder(root: Path, sizes: list[tuple[int, int]] = SIZES) -> list[bytes]:
+    """Class "a" gets the first half, "b" the rest; returns the files' bytes in sample order."""
+    blobs = []
+    for i, (h, w) in enumerate(sizes):
+        path = root / ("a" if i < len(sizes) // 2 else "b") / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg(photo(h, w, i)))
+        blobs.append(path.read_bytes())
+    return blobs
+
+
+def gather(ds: Dataset, ids: list[int]) -> list[np.ndarray]:
+    reader = attach(ds.handle())
+    try:
+        got = reader.gather(np.array(ids))
+        return list(got)
+    finally:
+        reader.close()
+
+
+# -- the decode-size rule ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("h, w, size, scale", [
+    (480, 640, None, 1),                          # no declared size: full
+    (480, 640, DecodeSize(256), 1),               # 1/2 would give 240 < 256
+    (512, 640, DecodeSize(256), 2),               # exactly 256 at 1/2
+    (513, 700, DecodeSize(256), 2),               # 1/2 rounds up to 257
+    (1024, 2048, DecodeSize(256), 4),
+    (2048, 4096, DecodeSize(256), 8),             # the smallest scale is 1/8
+    (4096, 8192, DecodeSize(256), 8),             # never below 1/8
+    (2041, 4096, DecodeSize(256), 8),             # 1/8 rounds 2041 up to 256
+    (2040, 4096, DecodeSize(256), 4),             # ... but 2040 / 8 is 255
+    (100, 1000, DecodeSize(256, "max"), 2),       # the longer side: 500 at 1/2, 250 at 1/4
+    (100, 1000, DecodeSize(250, "max"), 4),
+    (255, 255, DecodeSize(256), 1),               # smaller than the size: full
+])
+def test_dct_scale_rule(h: int, w: int, size: DecodeSize | None, scale: int) -> None:
+    assert dct_scale(h, w, size) == scale
+
+
+@pytest.mark.parametrize("text, expected", [("shorter:256", DecodeSize(256)), ("max:512", DecodeSize(512, "max"))])
+def test_decode_size_parse(text: str, expected: DecodeSize) -> None:
+    assert DecodeSize.parse(text) == expected and str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["256", "longer:256", "shorter:", "shorter:-1", "shorter:0"])
+def test_decode_size_parse_errors(text: str) -> None:
+    with pytest.raises(InvalidInputError, match="decode size"):
+        DecodeSize.parse(text)
+
+
+def test_scaled_decode_is_the_dct_size_and_close_to_full_decode_resized() -> None:
+    data = jpeg(photo(400, 600, 0))
+    header = probe(data)
+    full = decode(data, header, 3)
+    for scale in (2, 4, 8):
+        small = decode(data, header, 3, scale)
+        assert small.shape == (-(-400 // scale), -(-600 // scale), 3)
+        size = (small.shape[1], small.shape[0])
+        a = cv2.resize(small, (64, 64), interpolation=cv2.INTER_AREA).astype(np.int16)
+        b = cv2.resize(cv2.resize(full, size, interpolation=cv2.INTER_AREA), (64, 64),
+                       interpolation=cv2.INTER_AREA).astype(np.int16)
+        assert np.abs(a - b).mean() <= 2.0, scale
+
+
+def test_decoder_matches_pillow_at_full_size() -> None:
+    data = jpeg(photo(61, 97, 3))
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(decode(data, probe(data), 3), want)
+    assert JPEG_DECODER.startswith("simplejpeg ")
+
+
+# -- layouts -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [None, SIZE], ids=["full", "sized"])
+def test_every_layout_holds_the_same_pixels(tmp_path: Path, size: DecodeSize | None) -> None:
+    blobs = make_jpeg_folder(tmp_path)
+    loaded = [load_dataset(f"d_{layout}", str(tmp_path), layout=layout, decode_size=size) for layout in LAYOUTS]
+    try:
+        assert [ds.layout for ds in loaded] == list(LAYOUTS)
+        assert loaded[1].nbytes > loaded[2].nbytes  # files' bytes > paths
+        assert size is not None or loaded[0].nbytes > loaded[1].nbytes  # full-size pixels > files' bytes
+        ids = [5, 0, 3, 3, 1, 4, 2]
+        results = [gather(ds, ids) for ds in loaded]
+    finally:
+        for ds in loaded:
+            ds.close()
+    for i, k in enumerate(ids):
+        header = probe(blobs[k])
+        want = decode(blobs[k], header, 3, dct_scale(header.height, header.width, size))
+        for got in results:
+            np.testing.assert_array_equal(got[i], want)
+    if size is not None:  # the rule did scale some files
+        assert {dct_scale(*SIZES[k], size) for k in ids} == {1, 2, 4}
+
+
+def test_auto_layout_follows_the_cache_budget(tmp_path: Path) -> None:
+    blobs = make_jpeg_folder(tmp_path)
+    pixels = sum(h * w * 3 for h, w in SIZES)
+    encoded = sum(len(b) for b in blobs)
+    for budget, layout in [(pixels, "decoded"), (pixels - 1, "encoded"), (encoded, "encoded"),
+                           (encoded - 1, "files"), (0, "files")]:
+        with load_dataset("d", str(tmp_path), cache_budget_bytes=budget) as ds:
+            assert ds.layout == layout, budget
+
+
+def test_pool_output_is_bit_identical_across_layouts_sizes_and_worker_counts(tmp_path: Path) -> None:
+    make_jpeg_folder(tmp_path)
+    names = {f"{layout}_{tag}": (layout, size) for layout in LAYOUTS for tag, size in [("full", None), ("sized", SIZE)]}
+    outputs: dict[tuple[str, int], np.ndarray] = {}
+    for workers in (1, 2):
+        datasets = {name: load_dataset(name, str(tmp_path), layout=layout, decode_size=size)
+                    for name, (layout, size) in names.items()}
+        try:
+            with WorkerPool(workers, datasets=datasets, max_batch_bytes=1 << 20) as pool:
+                for name in names:
+                    futures = [pool.submit_batch(name, ids, SPEC, seed=7, epoch=1) for ids in ([0, 1, 2], [3, 4, 5])]
+                    outputs[name, workers] = np.concatenate([f.result(timeout=60)[0] for f in futures])
+        finally:
+            for ds in datasets.values():
+                ds.close()
+    for tag in ("full", "sized"):
+        reference = outputs[f"decoded_{tag}", 1]
+        for layout in LAYOUTS:
+            for workers in (1, 2):
+                np.testing.assert_array_equal(outputs[f"{layout}_{tag}", workers], reference)
+    assert not np.array_equal(outputs["decoded_full", 1], outputs["decoded_sized", 1])  # the size is an input
+
+
+def test_two_servers_with_different_layouts_and_workers_agree(tmp_path: Path) -> None:
+    """Server 1 (1 worker) holds the folder as files, server 2 (2 workers) decoded, both with the
+    declared size; each batch of an epoch is the same bytes from either, and what augment_batch
+    makes of the decoded pixels."""
+    blobs = make_jpeg_folder(tmp_path)
+    first = ServerSettings(workers=1, datasets={"p": str(tmp_path)}, layouts={"p": "files"},
+                           decode_sizes={"p": str(SIZE)})
+    second = ServerSettings(workers=2, datasets={"p": str(tmp_path)}, layouts={"p": "decoded"},
+                            decode_sizes={"p": str(SIZE)})
+    spec = augment_spec = {"transforms": SPEC["transforms"]}
+    request = pb.StreamBatchesRequest(dataset="p", spec=_pipeline(spec), batch_size=4, seed=3, epoch=2)
+    with serve(first) as one, serve(second) as two:
+        replies = [list(s.stub.StreamBatches(request, timeout=60)) for s in (one, two)]
+        infos = [s.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=30).datasets[0] for s in (one, two)]
+    assert [(i.layout, i.decode_size, i.source) for i in infos] == [("files", "shorter:24", "folder"),
+                                                                    ("decoded", "shorter:24", "folder")]
+    assert [len(r) for r in replies] == [2, 2]
+    for a, b in zip(*replies, strict=True):
+        assert a == b
+        ids = np.array(a.sample_ids)
+        inputs = []
+        for k in ids:
+            header = probe(blobs[k])
+            inputs.append(decode(blobs[k], header, 3, dct_scale(header.height, header.width, SIZE)))
+        want = augment_batch(inputs, augment_spec, seed=3, epoch=2, sample_ids=ids)
+        np.testing.assert_array_equal(np.frombuffer(a.images.data, np.uint8).reshape(want.shape), want)
+
+
+def _pipeline(spec: dict[str, object]) -> pb.Pipeline:
+    from augsvc.spec import load_spec
+
+    return load_spec(spec).to_proto()
+
+
+def test_eval_pipeline_over_a_jpeg_folder(tmp_path: Path) -> None:
+    """resize_shorter + center_crop (the standard eval pipeline, scaled down) over the files and
+    encoded layouts gives every image the same crop, equal to the decoded layout's."""
+    make_jpeg_folder(tmp_path)
+    datasets = {layout: load_dataset(layout, str(tmp_path), layout=layout) for layout in LAYOUTS}
+    try:
+        with WorkerPool(1, datasets=datasets, max_batch_bytes=1 << 20) as pool:
+            out = {name: pool.submit_batch(name, list(range(6)), EVAL_SPEC, seed=0, epoch=0).result(timeout=60)[0]
+                   for name in datasets}
+    finally:
+        for ds in datasets.values():
+            ds.close()
+    assert out["decoded"].shape == (6, 28, 28, 3)
+    for layout in LAYOUTS:
+        np.testing.assert_array_equal(out[layout], out["decoded"])
+
+
+# -- manifests ----------------------------------------------------------------------------------
+
+def test_csv_manifest_with_class_names_and_relative_paths(tmp_path: Path) -> None:
+    blobs = make_jpeg_folder(tmp_path / "imgs")
+    rows = ["path,label", "imgs/b/05.jpg,dog", "imgs/a/00.jpg,cat", f"{tmp_path}/imgs/a/01.jpg,dog"]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with load_dataset("t", str(tmp_path / "train.csv"), layout="files") as ds:
+        assert (ds.kind, ds.num_samples, ds.class_names, ds.labels.tolist()) == ("manifest", 3, ["cat", "dog"],
+                                                                               [1, 0, 1])
+        got = gather(ds, [0, 1, 2])
+    for g, k in zip(got, [5, 0, 1], strict=True):
+        np.testing.assert_array_equal(g, decode(blobs[k], probe(blobs[k]), 3))
+
+
+def test_jsonl_manifest_with_integer_labels(tmp_path: Path) -> None:
+    make_jpeg_folder(tmp_path)
+    lines = [json.dumps({"path": "a/00.jpg", "label": 2}), "", json.dumps({"path": "b/04.jpg", "label": 0})]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines))
+    with load_dataset("v", str(tmp_path / "val.jsonl")) as ds:
+        assert (ds.num_samples, ds.class_names, ds.labels.tolist()) == (2, ["0", "1", "2"], [2, 0])
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("m.csv", "a.jpg\n", r"line 1: expected path,label"),
+    ("m.csv", "path,label\n", "lists no files"),
+    ("m.jsonl", '{"path": "a.jpg"}\n', r"line 1: expected \{"),
+    ("m.jsonl", "[1, 2]\n", "line 1: expected"),
+    ("m.jsonl", "{not json\n", "line 1: not a JSON object"),
+])
+def test_bad_manifests(tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InvalidInputError, match=fragment):
+        load_dataset("m", str(tmp_path / name))
+
+
+# -- bad files ----------------------------------------------------------------------------------
+
+def _unreadable(tmp_path: Path) -> dict[str, Path]:
+    """Files whose header cannot be read, one of each kind, in class "z"."""
+    z = tmp_path / "z"
+    z.mkdir()
+    files = {"empty": z / "0.jpg", "text": z / "1.jpg", "gif": z / "2.jpg", "header_only": z / "3.png"}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("not an image")
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    files["gif"].write_bytes(gif.getvalue())
+    files["header_only"].write_bytes(b"\x89PNG\r\n\x1a\n")
+    return files
+
+
+def test_on_bad_file_fail_lists_every_offender(tmp_path: Path) -> None:
+    make_jpeg_folder(tmp_path)
+    bad = _unreadable(tmp_path)
+    with pytest.raises(InvalidInputError) as info:
+        load_dataset("d", str(tmp_path))
+    message = str(info.value)
+    assert "4 of 10 files are not readable PNG/JPEG images" in message
+    for path in bad.values():
+        assert str(path) in message
+    for why in ("the file is empty", "not a PNG/JPEG image", "not a readable PNG header"):
+        assert why in message
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_on_bad_file_skip_numbers_the_good_files(tmp_path: Path, layout: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    blobs = make_jpeg_folder(tmp_path)
+    _unreadable(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="augsvc.datasets"), \
+            load_dataset("d", str(tmp_path), on_bad_file="skip", layout=layout) as ds:
+        assert ds.num_samples == 6 and ds.class_names == ["a", "b", "z"] and ds.labels.tolist() == [0] * 3 + [1] * 3
+        got = gather(ds, [5])
+    assert "left out 4 of 10 files" in caplog.text
+    np.testing.assert_array_equal(got[0], decode(blobs[5], probe(blobs[5]), 3))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 2 // 3])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_truncated_jpeg_names_the_sample_not_the_path(tmp_path: Path, layout: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    make_jpeg_folder(tmp_path)
+    _truncate(tmp_path / "b" / "04.jpg")
+    with caplog.at_level(logging.WARNING, logger="augsvc.datasets"), \
+            load_dataset("pets", str(tmp_path), layout=layout) as ds:  # the header reads: not found at start
+        reader = attach(ds.handle())
+        try:
+            assert len(reader.gather([0, 5])) == 2
+            with pytest.raises(BadSampleError, match="sample 4 of dataset 'pets': corrupt or truncated") as info:
+                reader.gather([3, 4])
+        finally:
+            reader.close()
+    assert str(tmp_path) not in str(info.value)
+    assert isinstance(info.value, InvalidInputError)
+    assert f"sample 4 ({tmp_path / 'b' / '04.jpg'})" in caplog.text  # the log has the path
+
+
+def test_verify_finds_truncated_files_at_start(tmp_path: Path) -> None:
+    make_jpeg_folder(tmp_path)
+    _truncate(tmp_path / "b" / "04.jpg")
+    with pytest.raises(InvalidInputError, match=r"1 of 6 files .*04.jpg: corrupt or truncated JPEG data"):
+        load_dataset("d", str(tmp_path), verify=True)
+    for layout in LAYOUTS:  # skip: the same good files in every layout
+        with load_dataset("d", str(tmp_path), verify=True, on_bad_file="skip", layout=layout) as ds:
+            assert ds.num_samples == 5
+
+
+def test_truncated_sample_is_invalid_argument_counted_by_the_server(tmp_path: Path) -> None:
+    make_jpeg_folder(tmp_path)
+    _truncate(tmp_path / "a" / "01.jpg")
+    settings = ServerSettings(workers=1, datasets={"p": str(tmp_path)}, layouts={"p": "encoded"})
+    request = pb.StreamBatchesRequest(dataset="p", spec=_pipeline(SPEC), batch_size=3, seed=0, epoch=0,
+                                      shuffle=False)
+    with serve(settings) as s:
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as info:
+                list(s.stub.StreamBatches(request, timeout=60))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "sample 1 of dataset 'p'" in info.value.details() and str(tmp_path) not in info.value.details()
+        ok = list(s.stub.StreamBatches(pb.StreamBatchesRequest(
+            dataset="p", spec=_pipeline(SPEC), batch_size=3, seed=0, epoch=0, shuffle=False, start=1), timeout=60))
+        count = s.server.metrics.registry.get_sample_value("augsvc_bad_samples_total")
+    assert len(ok) == 1 and count == 2
+
+
+def test_the_file_changed_since_loading(tmp_path: Path) -> None:
+    make_jpeg_folder(tmp_path)
+    with load_dataset("d", str(tmp_path), layout="files") as ds:
+        (tmp_path / "a" / "00.jpg").write_bytes(jpeg(photo(33, 44, 9)))
+        with pytest.raises(BadSampleError, match="sample 0 of dataset 'd': the file changed since"):
+            gather(ds, [0])
+        os.remove(tmp_path / "a" / "01.jpg")
+        with pytest.raises(BadSampleError, match="sample 1 of dataset 'd': the file cannot be read"):
+            gather(ds, [1])
+
+
+def _odd_images() -> dict[str, tuple[bytes, np.ndarray]]:
+    """Decodable oddities and the pixels the policy gives them (RGB unless gray)."""
+    rgb = photo(20, 30, 1)
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    out: dict[str, tuple[bytes, np.ndarray]] = {}
+    cmyk = jpeg(Image.fromarray(rgb).convert("CMYK"))
+    out["cmyk_jpeg"] = cmyk, np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB"))  # checked within 1 level
+    g16 = gray.astype(np.uint16) * 257 + 3
+    out["png_16bit_gray"] = png(Image.fromarray(g16)), gray[..., None]
+    ok, enc = cv2.imencode(".png", (rgb[..., ::-1].astype(np.uint16) * 257))
+    out["png_16bit_rgb"] = enc.tobytes(), rgb
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    out["png_palette"] = png(pal), np.asarray(pal.convert("RGB"))
+    out["png_rgba"] = png(Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]))), rgb
+    out["png_gray_alpha"] = png(Image.fromarray(np.dstack([gray, gray // 2])).convert("LA")), gray[..., None]
+    out["jpeg_gray"] = jpeg(gray), np.asarray(Image.open(io.BytesIO(jpeg(gray))))[..., None]
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(_odd_images()))
+def test_decodable_oddities_are_converted(tmp_path: Path, kind: str) -> None:
+    data, want = _odd_images()[kind]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "img").with_suffix(".png" if kind.startswith("png") else ".jpg").write_bytes(data)
+    for layout in LAYOUTS:
+        with load_dataset("d", str(tmp_path), layout=layout) as ds:
+            got = gather(ds, [0])[0]
+        assert got.shape == want.shape and ds.channels == want.shape[2]
+        tolerance = 1 if kind == "cmyk_jpeg" else 0
+        assert np.abs(got.astype(np.int16) - want).max() <= tolerance, layout
+
+
+def test_gray_files_become_rgb_beside_colour_ones(tmp_path: Path) -> None:
+    data, gray = _odd_images()["jpeg_gray"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.jpg").write_bytes(data)
+    (tmp_path / "a" / "1.jpg").write_bytes(jpeg(photo(20, 30, 1)))
+    with load_dataset("d", str(tmp_path)) as ds:
+        assert ds.channels == 3
+        np.testing.assert_array_equal(gather(ds, [0])[0], np.repeat(gray, 3, axis=2))
+
+
+def test_decode_images_refuses_corrupt_requests() -> None:
+    data = jpeg(photo(20, 30, 1))
+    assert decode_images([data])[0].shape == (20, 30, 3)
+    with pytest.raises(InvalidInputError, match=r"encoded_images\[0\]: not a decodable"):
+        decode_images([data[:len(data) // 2]])
+    with pytest.raises(DecodeFailed, match="the file is empty"):
+        probe(b"")
