@@ -85,6 +85,9 @@ def _serve_parser(sub: Any) -> None:
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--max-connection-age", type=float, default=float(_env("max_connection_age", 0)) or None,
                    help="seconds before a client connection is closed, so round_robin clients re-resolve DNS")
+    p.add_argument("--exit-with", type=int, metavar="PID", default=_env_int("exit_with", None),
+                   help="drain and exit once process PID is gone (an embedded server follows its trainer, "
+                        "also when the trainer is SIGKILLed)")
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    default=_env("shared_memory", "1") not in ("0", "false"),
                    help="always send pixels in the gRPC stream, even to clients on this host that offer "
@@ -94,6 +97,7 @@ def _serve_parser(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .datasets import parse_dataset_arg
     from .launcher import ReadyLine
+    from .procfs import start_time
     from .server import ServerSettings, create_server
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
@@ -133,8 +137,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(ready.to_json(), flush=True)
     # Python runs signal handlers on the main thread only, between bytecodes: a SIGTERM that the
     # kernel hands to one of gRPC's threads would never wake an untimed wait here.
+    owner = (args.exit_with, start_time(args.exit_with)) if args.exit_with else None
     while not stop.wait(0.5):
-        pass
+        if owner is not None and start_time(owner[0]) != owner[1]:  # gone (or its pid reused)
+            log.info("process %d is gone: draining for up to %.1fs", owner[0], settings.grace_seconds)
+            break
     server.stop()
     log.info("stopped")
     return 0

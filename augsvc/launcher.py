@@ -133,6 +133,11 @@ class ServeProcess:
                 self._stderr_reader.join(timeout=5)  # the last lines of its log: why it exited
             raise RuntimeError(f"augsvc serve exited with {code} before it was ready; its log ends:\n"
                                f"{self.log()[-2000:]}")
+        ready = self._ready
+        #: What clients dial ("HOST:PORT" or "unix:PATH"), the port (0 on a unix socket), workers,
+        #: and the metrics port (None without --metrics-port).
+        self.target, self.port, self.workers, self.metrics_port = (ready.address, ready.port, ready.workers,
+                                                                  ready.metrics_port)
         return self
 
     @property
@@ -142,22 +147,6 @@ class ServeProcess:
             raise RuntimeError("augsvc serve is not ready yet: call wait_ready() first")
         return self._ready
 
-    @property
-    def target(self) -> str:
-        """The address clients dial: "HOST:PORT" or "unix:PATH"."""
-        return self.ready.address
-
-    @property
-    def port(self) -> int:
-        return self.ready.port
-
-    @property
-    def workers(self) -> int:
-        return self.ready.workers
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.ready.metrics_port
 
     def log(self) -> str:
         """The server's log so far: the whole file with `log_path`, else the lines kept."""

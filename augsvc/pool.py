@@ -246,14 +246,6 @@ class WorkerPool:
             return {"workers": self._n, "alive": sum(s.alive for s in self._slots),
                     "inflight": self._inflight, "queued": len(self._queue), **self._counts}
 
-    @property
-    def max_batch_bytes(self) -> int:
-        return self.limits.max_batch_bytes
-
-    @property
-    def max_image_side(self) -> int:
-        return self.limits.max_image_side
-
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, job: Job, payload: Payload | None = None, finish: Finish | None = None) -> Future[Any]:
         """Queue a job (built by `augsvc.jobs`, which checked it); `payload` is a ClientPixels

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from augsvc.errors import StreamError
 
-    from .client import AugmentClient, DatasetInfo, ServerInfo, TLSConfig
+    from .client import AugmentClient, DatasetInfo, DecoderMismatchWarning, ServerInfo, TLSConfig
     from .device import DeviceFeed
     from .stream import AugmentedStream
     from .world import World
 
-__all__ = ["AugmentClient", "AugmentedStream", "DatasetInfo", "DeviceFeed", "ServerInfo", "StreamError", "TLSConfig",
-           "World"]
+__all__ = ["AugmentClient", "AugmentedStream", "DatasetInfo", "DecoderMismatchWarning", "DeviceFeed", "ServerInfo",
+           "StreamError", "TLSConfig", "World"]
 
 _HOMES = {"AugmentClient": ".client", "DatasetInfo": ".client", "ServerInfo": ".client", "TLSConfig": ".client",
+          "DecoderMismatchWarning": ".client",
           "AugmentedStream": ".stream", "DeviceFeed": ".device", "World": ".world", "StreamError": "augsvc.errors"}
 
 

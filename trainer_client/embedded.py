@@ -25,7 +25,7 @@ class EmbeddedServer(ServeProcess):
             args += ["--workers", str(workers)]
         for name, source in (datasets or {"digits": "builtin:digits"}).items():
             args += ["--dataset", f"{name}={source}"]
-        args += extra_args or []
+        args += ["--exit-with", str(os.getpid()), *(extra_args or [])]  # no orphan, even if we are SIGKILLed
         super().__init__(args, env={**os.environ, "AUGSVC_LOG_LEVEL": "WARNING"})
         try:
             self.wait_ready(start_timeout)

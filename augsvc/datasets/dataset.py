@@ -45,13 +45,9 @@ class Dataset:
     def __init__(self, *, name: str, kind: str, source: str, labels: np.ndarray, class_names: list[str],
                  handle: DatasetHandle, shm: SharedMemory, nbytes: int, decode_size: DecodeSize | None = None
                  ) -> None:
-        self.name = name
-        self.kind = kind
-        self.source = source
-        self.labels = labels
-        self.class_names = class_names
+        self.name, self.kind, self.source, self.decode_size = name, kind, source, decode_size
+        self.labels, self.class_names = labels, class_names
         self.nbytes = nbytes                  # the segment's size
-        self.decode_size = decode_size
         self._handle = handle
         self._finalizer = weakref.finalize(self, release_segment, shm, True)
 
