@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .procfs import start_time
+
 
 def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(f"AUGSVC_{name.upper()}", default)
@@ -85,21 +87,41 @@ def _serve_parser(sub: Any) -> None:
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--max-connection-age", type=float, default=float(_env("max_connection_age", 0)) or None,
                    help="seconds before a client connection is closed, so round_robin clients re-resolve DNS")
-    p.add_argument("--exit-with", type=int, metavar="PID", default=_env_int("exit_with", None),
-                   help="drain and exit once process PID is gone (an embedded server follows its trainer, "
-                        "also when the trainer is SIGKILLed)")
+    p.add_argument("--exit-with", metavar="PID[:START]", default=_env("exit_with"),
+                   help="drain and exit once process PID is gone (an embedded server follows its trainer, also "
+                        "when the trainer is SIGKILLed); START, its start time in /proc/PID/stat, tells it from a "
+                        "later process that reuses the pid")
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    default=_env("shared_memory", "1") not in ("0", "false"),
                    help="always send pixels in the gRPC stream, even to clients on this host that offer "
                         "shared-memory segments")
 
 
+def _owner(text: str | None) -> tuple[int, int | None] | None:
+    """--exit-with's (pid, start time); the start time read now when not given."""
+    if not text:
+        return None
+    pid, _, start = text.partition(":")
+    try:
+        return int(pid), int(start) if start else start_time(int(pid))
+    except ValueError:
+        raise ValueError(f"--exit-with: {text!r} is not PID or PID:START") from None
+
+
+def _gone(owner: tuple[int, int | None]) -> bool:
+    """The --exit-with process has exited (or its pid now belongs to a later process)."""
+    return owner[1] is None or start_time(owner[0]) != owner[1]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .datasets import parse_dataset_arg
     from .launcher import ReadyLine
-    from .procfs import start_time
     from .server import ServerSettings, create_server
 
+    owner = _owner(args.exit_with)
+    if owner is not None and _gone(owner):
+        print(f"augsvc serve: process {owner[0]} (--exit-with) is already gone", file=sys.stderr)
+        return 0
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     settings = ServerSettings(
         workers=args.workers, datasets=dict(parse_dataset_arg(d) for d in args.dataset),
@@ -137,9 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(ready.to_json(), flush=True)
     # Python runs signal handlers on the main thread only, between bytecodes: a SIGTERM that the
     # kernel hands to one of gRPC's threads would never wake an untimed wait here.
-    owner = (args.exit_with, start_time(args.exit_with)) if args.exit_with else None
     while not stop.wait(0.5):
-        if owner is not None and start_time(owner[0]) != owner[1]:  # gone (or its pid reused)
+        if owner is not None and _gone(owner):
             log.info("process %d is gone: draining for up to %.1fs", owner[0], settings.grace_seconds)
             break
     server.stop()

@@ -232,8 +232,8 @@ def batch_range(call: StreamBatchesCall | pb.StreamBatchesRequest | MalformedReq
                                    backend=request.backend)
     spec = augmentation.validated_spec
     if ds.image_shape is None and spec.output_size is None:
-        raise InvalidInputError(f"spec: dataset {ds.name!r} has images of different sizes; add a resize "
-                                "or random_resized_crop step so that every batch has one shape")
+        raise InvalidInputError(f"spec: dataset {ds.name!r} has images of different sizes; add a resize, "
+                                "center_crop or random_resized_crop step so that every batch has one shape")
     if request.batch_size < 1:
         raise InvalidInputError("batch_size: 0 is not allowed; expected an integer >= 1")
     size = spec.output_size_for(ds.image_shape[:2] if ds.image_shape else None)

@@ -282,10 +282,11 @@ class WorkerPool:
                     window: int | None = None) -> Iterator[R]:
         """Results of `submit(item)` for each item, in item order, with at most `window` (default:
         two per worker, so each worker has its next job queued while the last is being sent)
-        submitted and not yet yielded. A reader thread pulls the items, so a source that blocks
-        (a client's request stream that waits for replies) never holds back a ready result. An
-        item whose submit raises ends the map with that error, in its place. Leaving early, or the
-        caller going away (`is_active()` false), cancels the work still queued."""
+        submitted and not yet taken, besides the one being waited for or sent. A reader thread
+        pulls the items, so a source that blocks (a client's request stream that waits for
+        replies) never holds back a ready result. An item whose submit raises ends the map with
+        that error, in its place. Leaving early, or the caller going away (`is_active()` false),
+        cancels the work still queued."""
         limit = window or 2 * self._n
         pending: deque[Future[R] | Exception] = deque()
         cond = threading.Condition()
@@ -307,6 +308,10 @@ class WorkerPool:
                     except Exception as exc:  # noqa: BLE001 - reported in order, below
                         entry = exc
                     with cond:
+                        if state["stop"]:  # the map ended while this one was submitted
+                            if isinstance(entry, Future):
+                                entry.cancel()
+                            return
                         pending.append(entry)
                         cond.notify_all()
                     if isinstance(entry, Exception):

@@ -180,13 +180,16 @@ class _Worker:
         channels = job.channels if isinstance(job, DatasetBatch) else (job.shape[3] if job.shape else None)
         if size is not None and channels is not None:  # refuse before the work, when we can
             self._check_output(len(job.sample_ids) * size[0] * size[1] * channels)
+        if isinstance(job, DatasetBatch):  # what the samples take once read, before reading any
+            self.limits.check_batch_bytes("sample_ids", self.datasets[job.dataset].nbytes(job.sample_ids),
+                                          "the batch's images are ")
         images = self.images(job)
         segment = job.out_segment if isinstance(job, DatasetBatch) else None
         target, written_to = self._out_view(images, spec, segment)
         strength = job.strength if isinstance(job, DatasetBatch) else None
         out = self.augment_batch(images, spec, seed=aug.seed, epoch=aug.epoch, sample_ids=job.sample_ids,
                                  backend=aug.backend, max_side=self.limits.max_image_side, out=target,
-                                 strength=strength)
+                                 strength=strength, max_bytes=self.limits.max_batch_bytes)
         del images
         if target is None:
             self._check_output(out.nbytes)

@@ -132,10 +132,11 @@ def test_study_split_is_nested_and_disjoint() -> None:
     assert np.bincount(labels[split.train[100]][picked]).tolist() == [20] * 10
 
 
+@pytest.mark.timeout(900)
 def test_quick_study_runs_every_arm_through_a_served_dataset(tmp_path: Path) -> None:
     out = tmp_path / "study"
     proc = subprocess.run([sys.executable, "-m", "trainer_client.study", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
     assert sorted(r["arm"] for r in runs) == sorted(["fixed 0.00", "fixed 0.25", "fixed 0.50", "fixed 0.75",
@@ -149,7 +150,7 @@ def test_quick_study_runs_every_arm_through_a_served_dataset(tmp_path: Path) -> 
     assert "adaptive" in summary["sizes"]["10"]["paired"] and (out / "study.png").stat().st_size > 0
     # a second invocation resumes: nothing left to run
     again = subprocess.run([sys.executable, "-m", "trainer_client.study", "--quick", "--out", str(out)],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=840)
     assert again.returncode == 0 and "seed 0 size 10" not in again.stdout
 
 
@@ -190,11 +191,12 @@ def test_strength_callback_schedules_and_checkpoint() -> None:
         StrengthCallback(parse_strength("adaptive"), epochs=3)
 
 
+@pytest.mark.timeout(900)
 def test_augsvc_train_with_an_adaptive_strength(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "trainer_client.cli", "--out", str(out), "--epochs", "3",
                            "--train-size", "200", "--augment-strength", "adaptive", "--strength-start", "0.5",
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+                           "--no-progress"], capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["strength"] for r in rows][0] == 0.5 and all("clean_gap" in r for r in rows)

@@ -34,7 +34,8 @@ LAYERS: dict[str, int] = {
 }
 #: What trainer_client may use of augsvc: the public API and the wire / shared-memory protocol.
 CLIENT_MAY_USE = {"augsvc", "augsvc.errors", "augsvc.plan", "augsvc.spec", "augsvc.v1", "augsvc.wire",
-                  "augsvc.tensors", "augsvc.shm", "augsvc.security", "augsvc.validation", "augsvc.launcher"}
+                  "augsvc.tensors", "augsvc.shm", "augsvc.security", "augsvc.validation", "augsvc.launcher",
+                  "augsvc.procfs"}
 SERVER_SIDE = {"augsvc.datasets", "augsvc.jobs", "augsvc.pool", "augsvc.worker", "augsvc.servicer",
                "augsvc.server", "augsvc.cli", "augsvc.settings", "augsvc.engine"}
 

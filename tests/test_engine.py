@@ -659,3 +659,29 @@ def test_empty_batch(backend: str, spec: Any, shape: tuple[int, ...], want: tupl
 def test_max_side_is_inclusive() -> None:
     out = augment_batch(_imgs((1, 64, 64, 3)), [{"hflip": {}}], seed=0, epoch=0, sample_ids=[0], max_side=64)
     assert out.shape == (1, 64, 64, 3)
+
+
+def test_read_only_mixed_size_inputs_are_never_written() -> None:
+    # A keep-size step before color on a list of mixed sizes: the fused warp's exact path must copy
+    # (the decoded dataset layout hands workers read-only views of the shared pixels).
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((10, 12), (14, 9))]
+    before = [im.copy() for im in images]
+    for im in images:
+        im.flags.writeable = False
+    spec = [{"hflip": {"p": 0.0}}, {"color": {"brightness": 0.5, "p": 1.0}}, {"resize": {"height": 8, "width": 8}}]
+    for backend in BACKENDS:
+        out = augment_batch(images, spec, seed=0, epoch=0, sample_ids=[0, 1], backend=backend)
+        assert out.shape == (2, 8, 8, 3)
+    for im, was in zip(images, before, strict=True):
+        np.testing.assert_array_equal(im, was)
+
+
+def test_a_batch_over_max_bytes_is_refused_before_the_work() -> None:
+    x = np.zeros((64, 2, 2, 1), np.uint8)
+    with pytest.raises(LimitExceededError, match="augmented batch would be 67108864 bytes"):
+        augment_batch(x, [{"resize_shorter": {"side": 1024}}], seed=0, epoch=0, sample_ids=np.arange(64),
+                      max_bytes=1 << 20)
+    empty = augment_batch(np.zeros((0, 8, 8, 1), np.uint8), [{"rotate": {"limit_range": [-5, 5]}}], seed=0,
+                          epoch=0, sample_ids=[], strength=0.5)
+    assert empty.shape == (0, 8, 8, 1)

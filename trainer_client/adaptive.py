@@ -174,9 +174,11 @@ def _per_class(model: nn.Module, batches: Batches, num_classes: int, device: tor
 
 
 def clean_gaps(model: nn.Module, train: Batches, val: Batches, *, num_classes: int, gap: str = "loss",
-               device: torch.device | None = None) -> ClassGaps:
+               device: torch.device | None = None, reduce: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> ClassGaps:
     """The generalization gap of `model` in eval mode: batches of clean training images `train`
-    against the validation batches `val`, overall and per class."""
+    against the validation batches `val`, overall and per class. reduce: adds the per-class sums
+    over the ranks of a distributed run (each measured its shards)."""
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -185,6 +187,9 @@ def clean_gaps(model: nn.Module, train: Batches, val: Batches, *, num_classes: i
         v = _per_class(model, val, num_classes, device)
     finally:
         model.train(was_training)
+    if reduce is not None:
+        summed = reduce(np.stack([t.loss, t.correct, t.count, v.loss, v.correct, v.count]))
+        t, v = _Sums(*summed[:3]), _Sums(*summed[3:])
     with np.errstate(invalid="ignore", divide="ignore"):
         if gap == "loss":
             per_class = v.loss / v.count - t.loss / t.count

@@ -41,13 +41,14 @@ from .adaptive import (
     clean_gaps,
     parse_strength,
 )
-from .checkpoint import gather_objects, load_checkpoint
+from .checkpoint import all_reduce_sum, gather_objects, load_checkpoint
 from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
 from .served_data import (
     MAX_VAL_BATCH,
     ImageFormat,
+    batch_size_within,
     check_batch_fits,
     eval_spec,
     probe_format,
@@ -175,8 +176,7 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
                              progress=not args.no_progress, seed=args.seed, device=device_for(args.device, world),
                              checkpoint_every=args.checkpoint_every)
         hooks = list(callbacks)
-        strength = strength_callback(args, client, val_spec, train_ids, val_ids, info.num_classes, model,
-                                     config.epochs)
+        strength = strength_callback(args, client, val_spec, train_ids, val_ids, info, model, config.epochs, world)
         if strength is not None:
             hooks.insert(0, strength)  # first: its columns reach the other callbacks
 
@@ -211,10 +211,12 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
 
 
 def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spec: Spec, train_ids: Any,
-                      val_ids: Any, num_classes: int, model: torch.nn.Module, epochs: int) -> StrengthCallback | None:
+                      val_ids: Any, info: DatasetInfo, model: torch.nn.Module, epochs: int, world: World
+                      ) -> StrengthCallback | None:
     """--augment-strength as a callback of `fit`. Adaptive: the clean gap is measured after each
-    epoch on a fixed subset of up to 512 training images and the whole validation set, both
-    through the eval pipeline and in full on every rank, so every rank takes the same decision."""
+    epoch on a fixed subset of up to 512 training images and on the validation set, both through
+    the eval pipeline, each rank its shard; the per-class sums are added over the ranks, so every
+    rank sees the same gaps and takes the same decision."""
     if args.augment_strength is None:
         return None
     schedule = parse_strength(args.augment_strength)
@@ -223,20 +225,25 @@ def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spe
     settings = ControllerSettings(target=args.strength_target, step=args.strength_step, start=args.strength_start,
                                   gap=args.strength_gap, per_class=args.strength_per_class)
     subset = np.sort(np.random.default_rng(args.seed).permutation(np.asarray(train_ids))[:512])
-    batch = validation_stream(client, args.dataset, clean_spec, subset).batch_size
+    batch = batch_size_within(client.server_info(), clean_spec, info, MAX_VAL_BATCH)
 
     def clean(ids: Any) -> AugmentedStream:
         return AugmentedStream(client, args.dataset, clean_spec, batch_size=batch, seed=0, shuffle=False,
-                               sample_ids=ids, rank=0, world_size=1)
+                               sample_ids=ids, rank=world.rank, world_size=world.world_size, with_mask=True)
 
     train_clean, val_clean = clean(subset), clean(np.asarray(val_ids))
+
+    def add_over_ranks(sums: np.ndarray) -> np.ndarray:
+        return all_reduce_sum(torch.from_numpy(sums), world).numpy()
 
     def measure() -> ClassGaps:
         train_clean.set_epoch(0)
         val_clean.set_epoch(0)
-        return clean_gaps(model, train_clean, val_clean, num_classes=num_classes, gap=settings.gap)
+        return clean_gaps(model, train_clean, val_clean, num_classes=info.num_classes, gap=settings.gap,
+                          reduce=add_over_ranks)
 
-    return StrengthCallback(schedule, epochs, controller=StrengthController(settings, num_classes), measure=measure)
+    return StrengthCallback(schedule, epochs, controller=StrengthController(settings, info.num_classes),
+                            measure=measure)
 
 
 def _first_epoch(resume: str | None) -> int | None:

@@ -9,6 +9,7 @@ from collections import deque
 from pathlib import Path
 
 from augsvc.launcher import ServeProcess
+from augsvc.procfs import start_time
 
 
 class EmbeddedServer(ServeProcess):
@@ -25,7 +26,8 @@ class EmbeddedServer(ServeProcess):
             args += ["--workers", str(workers)]
         for name, source in (datasets or {"digits": "builtin:digits"}).items():
             args += ["--dataset", f"{name}={source}"]
-        args += ["--exit-with", str(os.getpid()), *(extra_args or [])]  # no orphan, even if we are SIGKILLed
+        me = f"{os.getpid()}:{start_time(os.getpid())}"
+        args += ["--exit-with", me, *(extra_args or [])]  # no orphan, even if we are SIGKILLed
         super().__init__(args, env={**os.environ, "AUGSVC_LOG_LEVEL": "WARNING"})
         try:
             self.wait_ready(start_timeout)

@@ -108,6 +108,15 @@ class DatasetReader:
         """The file of one sample of a dataset made from files (for logs, never for clients)."""
         return path_at(self._a["paths"], self._a["path_offsets"], sample_id)
 
+    def nbytes(self, sample_ids: Any) -> int:
+        """The bytes the samples' decoded pixels take (known from the dataset's table: no decode)."""
+        ids = np.asarray(sample_ids, np.int64)
+        shape = self.handle.image_shape
+        if shape is not None:
+            return len(ids) * shape[0] * shape[1] * shape[2]
+        hw = self._a["decoded_hw"][ids].astype(np.int64)
+        return int((hw[:, 0] * hw[:, 1]).sum()) * self.handle.channels
+
     def gather(self, sample_ids: Any, *, copy: bool = True) -> np.ndarray | list[np.ndarray]:
         """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
         otherwise a list of (H, W, C) arrays. A sample that does not decode raises BadSampleError,

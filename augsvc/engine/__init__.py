@@ -62,8 +62,11 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
 
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
                   sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE,
-                  out: np.ndarray | None = None, strength: Any = None) -> np.ndarray:
+                  out: np.ndarray | None = None, strength: Any = None, max_bytes: int | None = None) -> np.ndarray:
     """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
+
+    max_side, max_bytes: refuse (LimitExceededError) input or output images with a longer side,
+    and any step whose images would take more bytes, before any pixel is computed.
 
     out: a C-contiguous uint8 array of exactly the output shape to write into (e.g. a worker's
     shared-memory slot or a reused buffer): saves the allocation, its page faults and a copy.
@@ -81,7 +84,7 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         raise InvalidInputError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
     seed = check_counter(seed, "seed")
     epoch = check_counter(epoch, "epoch")
-    limits = Limits(max_image_side=max_side)
+    limits = Limits(max_image_side=max_side, max_batch_bytes=max_bytes or 2**62)
     if spec.output_size is not None:
         limits.check_side("spec", *spec.output_size, what="output side")
     work, heights, widths, channels = check_images(images, max_side=max_side)
@@ -91,10 +94,14 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     per_sample = None if strength is None else sample_strength(strength, len(work))
     if len(work) == 0 and isinstance(work, np.ndarray):  # an empty batch's shape: its size through the steps
         ids, heights, widths = np.zeros(1, np.uint64), np.array([work.shape[1]]), np.array([work.shape[2]])
+        per_sample = None
     draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths,
                        strength=per_sample)
     for draw in draws:  # sizes that depend on the input (a shorter-side resize) are known only now
-        limits.check_side("spec", int(draw.out_size[0].max()), int(draw.out_size[1].max()), what="output side")
+        oh, ow = draw.out_size
+        limits.check_side("spec", int(oh.max()), int(ow.max()), what="output side")
+        if len(work):
+            limits.check_batch_bytes("spec", int((oh * ow).sum()) * channels, "the augmented batch would be ")
     out_h, out_w = draws[-1].out_size if draws else (heights, widths)
     if len(work) == 0:
         return np.zeros((0, int(out_h[0]), int(out_w[0]), channels), np.uint8)

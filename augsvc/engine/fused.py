@@ -63,8 +63,8 @@ def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray 
     """Warp one (H,W,C) image by the 3x3 matrix `m` into an oh x ow image."""
     view = _exact_view(src, m, oh, ow)
     if view is not None:
-        if dst is None:
-            return np.ascontiguousarray(view)
+        if dst is None:  # a copy even when the view is the whole image: later steps write in place
+            return np.array(view, order="C")
         dst[...] = view.reshape(dst.shape)
         return dst
     h, w, channels = src.shape
