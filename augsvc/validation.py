@@ -127,6 +127,14 @@ class Limits:
     max_image_side: int = DEFAULT_MAX_SIDE
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
 
+    #: A worker's pixels in hand for one batch (its decoded input, each step's output) may be this
+    #: many times `max_batch_bytes`: a crop of large photos reads far more than it returns.
+    WORK_FACTOR = 16
+
+    @property
+    def max_work_bytes(self) -> int:
+        return self.WORK_FACTOR * self.max_batch_bytes
+
     def __post_init__(self) -> None:
         for name in ("max_image_side", "max_batch_bytes"):
             if getattr(self, name) < 1:
@@ -152,3 +160,12 @@ class Limits:
             raise LimitExceededError(f"{field}: {described}{nbytes} bytes{tail} over the batch limit of "
                                      f"{self.max_batch_bytes} bytes (max_batch_bytes); ask for fewer or smaller "
                                      "images")
+
+    def check_work_bytes(self, field: str, nbytes: int, described: str = "") -> None:
+        """LimitExceededError when a worker would hold more than `max_work_bytes` of pixels for one
+        batch (its decoded input, or a step's output before the last)."""
+        if nbytes > self.max_work_bytes:
+            tail = "," if described else " is"
+            raise LimitExceededError(f"{field}: {described}{nbytes} bytes{tail} over a worker's limit of "
+                                     f"{self.max_work_bytes} bytes ({self.WORK_FACTOR} x max_batch_bytes); ask "
+                                     "for fewer images or raise max_batch_bytes")

@@ -682,6 +682,14 @@ def test_a_batch_over_max_bytes_is_refused_before_the_work() -> None:
     with pytest.raises(LimitExceededError, match="augmented batch would be 67108864 bytes"):
         augment_batch(x, [{"resize_shorter": {"side": 1024}}], seed=0, epoch=0, sample_ids=np.arange(64),
                       max_bytes=1 << 20)
+    # A step before the last may hold more than the batch limit (a crop of large images), up to
+    # Limits.WORK_FACTOR times it; the output is held to the limit itself.
+    grow_then_crop = [{"resize_shorter": {"side": 128}}, {"center_crop": {"height": 8, "width": 8}}]
+    out = augment_batch(x, grow_then_crop, seed=0, epoch=0, sample_ids=np.arange(64), max_bytes=1 << 20)
+    assert out.shape == (64, 8, 8, 1)  # the first step holds 64 x 128 x 128 = 1 MiB: within 16 MiB
+    too_big = [{"resize_shorter": {"side": 600}}, {"center_crop": {"height": 8, "width": 8}}]
+    with pytest.raises(LimitExceededError, match=r"step 0: its images would be 23040000 bytes, over a worker's limit"):
+        augment_batch(x, too_big, seed=0, epoch=0, sample_ids=np.arange(64), max_bytes=1 << 20)
     empty = augment_batch(np.zeros((0, 8, 8, 1), np.uint8), [{"rotate": {"limit_range": [-5, 5]}}], seed=0,
                           epoch=0, sample_ids=[], strength=0.5)
     assert empty.shape == (0, 8, 8, 1)

@@ -159,6 +159,18 @@ def test_submit_time_errors(pool: WorkerPool) -> None:
         pool.submit_augment(batch(2).astype(np.float32), SPEC, seed=0, epoch=0, sample_ids=[0, 1])
 
 
+def test_a_dataset_batch_may_read_more_than_it_returns_within_the_work_limit(folder: Dataset) -> None:
+    # The folder's images hold 360, 378, 768 and 105 bytes; a 2x2 resize returns 12 bytes each.
+    small = load_spec({"transforms": [{"resize": {"height": 2, "width": 2}}]}).to_bytes()
+    with WorkerPool(1, datasets={"folder": folder}, max_batch_bytes=64) as p:
+        out, _ = p.submit_batch("folder", [0, 3], small, seed=0, epoch=0).result(TIMEOUT)  # reads 465 > 64 bytes
+        assert out.shape == (2, 2, 2, 3)
+        with pytest.raises(LimitExceededError, match=r"images once read are 1611 bytes, over a worker's limit of "
+                                                     r"1024 bytes \(16 x max_batch_bytes\)"):
+            p.submit_batch("folder", [0, 1, 2, 3], small, seed=0, epoch=0).result(TIMEOUT)
+        assert p.submit_batch("folder", [1], small, seed=0, epoch=0).result(TIMEOUT)[0].shape == (1, 2, 2, 3)
+
+
 def test_limits(pool: WorkerPool) -> None:
     big = batch(1, 600, 600)  # 1.08 MB > 1 MiB slot
     with pytest.raises(LimitExceededError, match="max_batch_bytes"):

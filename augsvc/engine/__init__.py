@@ -66,7 +66,8 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
 
     max_side, max_bytes: refuse (LimitExceededError) input or output images with a longer side,
-    and any step whose images would take more bytes, before any pixel is computed.
+    an output batch of more bytes, or a step before the last whose images would take more than
+    `Limits.WORK_FACTOR` times that, before any pixel is computed.
 
     out: a C-contiguous uint8 array of exactly the output shape to write into (e.g. a worker's
     shared-memory slot or a reused buffer): saves the allocation, its page faults and a copy.
@@ -97,11 +98,15 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         per_sample = None
     draws = draw_steps(spec, seed=seed, epoch=epoch, sample_ids=ids, heights=heights, widths=widths,
                        strength=per_sample)
-    for draw in draws:  # sizes that depend on the input (a shorter-side resize) are known only now
+    for i, draw in enumerate(draws):  # sizes that depend on the input (a shorter-side resize) are known only now
         oh, ow = draw.out_size
         limits.check_side("spec", int(oh.max()), int(ow.max()), what="output side")
         if len(work):
-            limits.check_batch_bytes("spec", int((oh * ow).sum()) * channels, "the augmented batch would be ")
+            nbytes = int((oh * ow).sum()) * channels
+            if i == len(draws) - 1:
+                limits.check_batch_bytes("spec", nbytes, "the augmented batch would be ")
+            else:
+                limits.check_work_bytes(f"spec: step {i}", nbytes, "its images would be ")
     out_h, out_w = draws[-1].out_size if draws else (heights, widths)
     if len(work) == 0:
         return np.zeros((0, int(out_h[0]), int(out_w[0]), channels), np.uint8)
