@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every figure in the README's benchmark section, from one quiet run: JSON under runs/bench/,
-# the scaling plot in docs/. Takes about 6-8 minutes on 2 cores. Run from anywhere:
+# the scaling plot in docs/. Takes about 30 minutes on 2 cores (the JPEG comparison most of it). Run from anywhere:
 # `bash benchmarks/bench_all.sh` (PYTHON picks the interpreter; default: the project's .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
