@@ -106,6 +106,38 @@ def _copy_out(view: np.ndarray, _segment: str | None) -> np.ndarray:
     return view.copy()
 
 
+def _map_known(items: Sequence[T], submit: Callable[[T], Future[R]], is_active: Callable[[], bool],
+               limit: int) -> Iterator[R]:
+    """`WorkerPool.map_ordered` over items known up front, submitted from the caller's thread."""
+    pending: deque[Future[R] | Exception] = deque()
+    source = iter(items)
+    try:
+        while True:
+            while len(pending) < limit and not (pending and isinstance(pending[-1], Exception)):
+                if not is_active():
+                    raise CancelledError("the call was cancelled or its deadline passed")
+                item = next(source, _END)
+                if item is _END:
+                    break
+                try:
+                    pending.append(submit(cast(T, item)))
+                except Exception as exc:  # noqa: BLE001 - reported in order, below
+                    pending.append(exc)
+            if not pending:
+                return
+            entry = pending.popleft()
+            if isinstance(entry, Exception):
+                raise entry
+            yield wait_result(entry, is_active)
+    finally:
+        for entry in pending:
+            if isinstance(entry, Future):
+                entry.cancel()
+
+
+_END = object()
+
+
 def wait_result(future: Future[T], is_active: Callable[[], bool]) -> T:
     """The future's result, giving up (and cancelling queued work) when `is_active()` turns false:
     the caller went away or its deadline passed."""
@@ -282,12 +314,18 @@ class WorkerPool:
                     window: int | None = None) -> Iterator[R]:
         """Results of `submit(item)` for each item, in item order, with at most `window` (default:
         two per worker, so each worker has its next job queued while the last is being sent)
-        submitted and not yet taken, besides the one being waited for or sent. A reader thread
-        pulls the items, so a source that blocks (a client's request stream that waits for
-        replies) never holds back a ready result. An item whose submit raises ends the map with
-        that error, in its place. Leaving early, or the caller going away (`is_active()` false),
-        cancels the work still queued."""
+        submitted and not yet taken, besides the one being waited for or sent. Items in a
+        Sequence (known up front) are submitted by the caller's thread as room frees up; any other
+        iterable is pulled by a reader thread, so a source that blocks (a client's request stream
+        that waits for replies) never holds back a ready result. An item whose submit raises ends
+        the map with that error, in its place. Leaving early, or the caller going away
+        (`is_active()` false), cancels the work still queued."""
         limit = window or 2 * self._n
+        if isinstance(items, Sequence):
+            # No hand-off to another thread: a woken thread waits for the GIL (up to the 5 ms switch
+            # interval while gRPC's threads run), which starves the workers on small batches.
+            yield from _map_known(items, submit, is_active, limit)
+            return
         pending: deque[Future[R] | Exception] = deque()
         cond = threading.Condition()
         state = {"read_all": False, "stop": False}

@@ -178,7 +178,7 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         batches = batch_range(request, self._datasets, self._limits, self._plans)
         segments = self._client_segments(refuse_malformed(request), len(batches.indices), context)
         offers: list[ClientSegment | None] = list(segments) or [None] * len(batches.indices)
-        yield from self._pool.map_ordered(zip(batches.indices, offers, strict=True),
+        yield from self._pool.map_ordered(list(zip(batches.indices, offers, strict=True)),
                                           partial(self._submit_batch, batches), is_active=context.is_active)
 
     def _submit_batch(self, batches: BatchRange, item: tuple[int, ClientSegment | None]) -> Future[Reply]:
