@@ -208,3 +208,18 @@ def test_embedded_server_that_cannot_start_says_why(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="augsvc serve exited with") as info:
         EmbeddedServer(datasets={"x": str(missing)}, workers=1)
     assert "no-such-dataset" in str(info.value)
+
+
+def test_a_server_that_refuses_our_segment_names_gets_the_epoch_inline(servers: list[str], digits: np.ndarray,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server of an older version checks client segment names against its own form (INVALID_ARGUMENT
+    # "shm_segments[0].name: ..."): the stream asks again without segments, and stays inline there.
+    import augsvc.jobs
+
+    monkeypatch.setattr(augsvc.jobs, "is_client_segment", lambda name: False)
+    with AugmentClient(servers[0]) as client:
+        stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=2)
+        batches = collect(stream)
+        assert stream.received["shared_memory"] == 0 and stream.received["inline"] == len(batches)
+        stream.close()
+    assert_epoch(batches, digits, 2)

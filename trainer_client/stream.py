@@ -465,7 +465,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
                     self._stop_shared_memory(f"no shared memory for batches ({exc})")
                     segments = None
             request = self._stream_request(source, list(offered.values()))
-            completed, written = False, 0
+            completed, written, refused = False, 0, False
             try:
                 call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
                 calls.append(call)
@@ -491,6 +491,12 @@ class AugmentedStream(IterableDataset[StreamItem]):
                 finally:
                     calls.remove(call)  # only live calls are kept (for cancelling), not one per chunk
                 completed = True
+            except grpc.RpcError as exc:
+                # A server of another version may refuse this version's segment names: pixels inline.
+                refused = bool(offered) and not written and _refuses_segments(exc)
+                if not refused:
+                    raise
+                exc.__traceback__ = None  # the call's frame: see _Fetcher._run
             finally:
                 for seg in offered.values():  # not written (inline replies) if the call completed
                     if segments is None:
@@ -501,6 +507,8 @@ class AugmentedStream(IterableDataset[StreamItem]):
                         segments.discard(seg)
             if offered and not written:  # this server cannot reach our segments: stop offering them
                 self._inline_endpoints.add(endpoint)
+            if refused:
+                self._fetch(endpoint, chunk, fetcher, deliver)
             return
         images, labels = self._arrays
         spec_msg = self.spec.to_proto()
@@ -521,6 +529,11 @@ class AugmentedStream(IterableDataset[StreamItem]):
                 deliver(k, _to_torch(pixels, labels[ids], ids, channels_last=self.channels_last))
         finally:
             calls.remove(call)
+
+
+def _refuses_segments(exc: grpc.RpcError) -> bool:
+    """True when a call failed because the server refused the shared-memory segments it was offered."""
+    return exc.code() == grpc.StatusCode.INVALID_ARGUMENT and (exc.details() or "").startswith("shm_segments")
 
 
 def _fatal(exc: Exception, pending: list[int]) -> StreamError:
