@@ -155,17 +155,20 @@ class Limits:
     def check_batch_bytes(self, field: str, nbytes: int, described: str = "") -> None:
         """LimitExceededError when a batch of `nbytes` is over `max_batch_bytes`; `described`
         says what the bytes are, e.g. '300 images of 40x40x3 are '."""
-        if nbytes > self.max_batch_bytes:
-            tail = "," if described else " is"
-            raise LimitExceededError(f"{field}: {described}{nbytes} bytes{tail} over the batch limit of "
-                                     f"{self.max_batch_bytes} bytes (max_batch_bytes); ask for fewer or smaller "
-                                     "images")
+        _check_bytes(field, nbytes, described, self.max_batch_bytes, "the batch limit", "max_batch_bytes",
+                     "ask for fewer or smaller images")
 
     def check_work_bytes(self, field: str, nbytes: int, described: str = "") -> None:
         """LimitExceededError when a worker would hold more than `max_work_bytes` of pixels for one
         batch (its decoded input, or a step's output before the last)."""
-        if nbytes > self.max_work_bytes:
-            tail = "," if described else " is"
-            raise LimitExceededError(f"{field}: {described}{nbytes} bytes{tail} over a worker's limit of "
-                                     f"{self.max_work_bytes} bytes ({self.WORK_FACTOR} x max_batch_bytes); ask "
-                                     "for fewer images or raise max_batch_bytes")
+        _check_bytes(field, nbytes, described, self.max_work_bytes, "a worker's limit",
+                     f"{self.WORK_FACTOR} x max_batch_bytes", "ask for fewer images or raise max_batch_bytes")
+
+
+def _check_bytes(field: str, nbytes: int, described: str, limit: int, what: str, setting: str, hint: str) -> None:
+    """LimitExceededError "<field>: <described><nbytes> bytes, over <what> of <limit> bytes
+    (<setting>); <hint>" when `nbytes` is over `limit`."""
+    if nbytes > limit:
+        tail = "," if described else " is"
+        raise LimitExceededError(f"{field}: {described}{nbytes} bytes{tail} over {what} of {limit} bytes "
+                                 f"({setting}); {hint}")
