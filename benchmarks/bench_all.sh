@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every figure in the README's benchmark section, from one quiet run: JSON under runs/bench/,
-# the scaling plot in docs/. Takes about 30 minutes on 2 cores (the JPEG comparison most of it). Run from anywhere:
+# the scaling plot in docs/. Takes about 20 minutes on a quiet 2-core machine (the JPEG comparison about 10 of them).
+# Run from anywhere:
 # `bash benchmarks/bench_all.sh` (PYTHON picks the interpreter; default: the project's .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
