@@ -77,20 +77,27 @@ def test_served_batches_and_streams_of_a_fixed_size_dataset() -> None:
 
 def test_a_request_cannot_make_a_worker_allocate_past_the_batch_limit() -> None:
     """Sizes the spec alone does not fix are checked once drawn, and a batch's input once its ids
-    are known: RESOURCE_EXHAUSTED before the pixels, and the server serves on."""
+    are known (against 16 x max_batch_bytes: a worker may read more than it returns):
+    RESOURCE_EXHAUSTED before the pixels, and the server serves on."""
     import grpc
     from helpers.servers import serve
 
     from augsvc.server import ServerSettings
     from augsvc.v1 import augment_pb2 as pb
 
-    with serve(ServerSettings(workers=1, datasets={"digits": "builtin:digits"}, max_batch_bytes=1 << 20)) as s:
+    one_by_one = [{"resize": {"height": 1, "width": 1}}]
+    with serve(ServerSettings(workers=1, datasets={"digits": "builtin:digits"}, max_batch_bytes=1 << 18)) as s:
         for spec, ids, size in (([{"resize_shorter": {"side": 1024}}], [], 64),  # 64 x 1024 x 1024 out
-                                ([{"resize": {"height": 1, "width": 1}}], list(range(1797)) * 2, 3594)):  # 3.6 MB in
+                                (one_by_one, list(range(1797)) * 3, 5391)):  # 5.5 MB in > 4 MiB
             request = pb.StreamBatchesRequest(dataset="digits", spec=load_spec(spec).to_proto(), batch_size=size,
                                               sample_ids=ids, end=1)
             with pytest.raises(grpc.RpcError) as info:
                 list(s.stub.StreamBatches(request, timeout=60))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        # 3.7 MB read (over the 256 KiB batch limit, within the worker's 4 MiB) for 3.6 KB returned
+        request = pb.StreamBatchesRequest(dataset="digits", spec=load_spec(one_by_one).to_proto(), batch_size=3594,
+                                          sample_ids=list(range(1797)) * 2, end=1)
+        (reply,) = list(s.stub.StreamBatches(request, timeout=60))
+        assert len(reply.sample_ids) == 3594
         assert s.health() == "SERVING"
         assert s.server.pool.stats()["restarts"] == 0
