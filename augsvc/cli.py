@@ -73,8 +73,8 @@ def _serve_parser(sub: Any) -> None:
                    help="decode every dataset file at start, so that corrupt data is found then (slow)")
     p.add_argument("--max-image-side", type=int, default=_env_int("max_image_side", 4096))
     p.add_argument("--max-batch-mb", type=int, default=_env_int("max_batch_mb", 64),
-                   help="the most one batch's images may take, in a request or a reply (MiB); a worker may hold "
-                        "16 times this for one batch while it works (decoded input, steps before the last)")
+                   help="the most one batch's images may take, in a request or a reply (MiB); a batch's images "
+                        "as a worker reads them, and each step's output before the last, may each take 16 times this")
     p.add_argument("--max-inflight", type=int, default=_env_int("max_inflight", None))
     p.add_argument("--max-concurrent-rpcs", type=int, default=_env_int("max_concurrent_rpcs", 64))
     p.add_argument("--tls-cert", default=_env("tls_cert"))

@@ -125,8 +125,12 @@ def dataset_batch(datasets: Mapping[str, Dataset], name: str, sample_ids: Any, a
     """A job for samples of a served dataset."""
     ds = find_dataset(datasets, name)
     ids = dataset_indices(sample_ids, ds.num_samples)
-    if ds.image_shape is not None:
-        limits.check_batch_bytes("sample_ids", len(ids) * math.prod(ds.image_shape))
+    if ds.image_shape is not None:  # sizes known before any pixel: refuse here, not in a worker
+        limits.check_work_bytes("sample_ids", len(ids) * math.prod(ds.image_shape), "the batch's images once read are ")
+        size = augmentation.validated_spec.output_size_for(ds.image_shape[:2])
+        if size is not None:
+            limits.check_batch_bytes("sample_ids", len(ids) * size[0] * size[1] * ds.channels,
+                                     "the augmented batch would be ")
     if out_segment is not None and not is_client_segment(out_segment.name):
         raise InvalidInputError(f"out_segment: {out_segment.name!r} is not a client segment name")
     return DatasetBatch(augmentation, ds.name, ids, ds.channels, out_segment)

@@ -171,9 +171,11 @@ class _Closing(Exception):
 class WorkerPool:
     """A fixed number of worker processes that augment batches; every submit returns a Future.
 
-    Limits (all raise `LimitExceededError`, RESOURCE_EXHAUSTED on the wire): an input or output
-    batch over ``max_batch_bytes``, an image side over ``max_image_side``, more than
-    ``max_inflight`` jobs queued or running (default: 4 per worker, at least 8).
+    Limits (all raise `LimitExceededError`, RESOURCE_EXHAUSTED on the wire): a batch of the
+    caller's images or an output batch over ``max_batch_bytes``; a dataset batch's images once
+    read, or a step's output before the last, over 16 times that (`Limits.max_work_bytes`); an
+    image side over ``max_image_side``; more than ``max_inflight`` jobs queued or running
+    (default: 4 per worker, at least 8).
     """
 
     def __init__(self, workers: int, *, datasets: Mapping[str, Dataset] | None = None,
@@ -314,10 +316,11 @@ class WorkerPool:
                     window: int | None = None) -> Iterator[R]:
         """Results of `submit(item)` for each item, in item order, with at most `window` (default:
         two per worker, so each worker has its next job queued while the last is being sent)
-        submitted and not yet taken, besides the one being waited for or sent. Items in a
-        Sequence (known up front) are submitted by the caller's thread as room frees up; any other
-        iterable is pulled by a reader thread, so a source that blocks (a client's request stream
-        that waits for replies) never holds back a ready result. An item whose submit raises ends
+        submitted and not yet yielded. Items in a Sequence (known up front) are submitted by the
+        caller's thread as room frees up (the one being waited for counts); any other iterable is
+        pulled by a reader thread, which may submit one more while a result is being sent, so a
+        source that blocks (a client's request stream that waits for replies) never holds back a
+        ready result. An item whose submit raises ends
         the map with that error, in its place. Leaving early, or the caller going away
         (`is_active()` false), cancels the work still queued."""
         limit = window or 2 * self._n

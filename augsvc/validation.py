@@ -127,8 +127,10 @@ class Limits:
     max_image_side: int = DEFAULT_MAX_SIDE
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
 
-    #: A worker's pixels in hand for one batch (its decoded input, each step's output) may be this
-    #: many times `max_batch_bytes`: a crop of large photos reads far more than it returns.
+    #: Each set of pixels a worker makes for one batch before its output (the images it reads, each
+    #: step's output before the last) may take this many times `max_batch_bytes`: a crop of large
+    #: photos reads far more than it returns. A worker may hold two such sets at once (a step's
+    #: input and output).
     WORK_FACTOR = 16
 
     @property
@@ -159,8 +161,8 @@ class Limits:
                      "ask for fewer or smaller images")
 
     def check_work_bytes(self, field: str, nbytes: int, described: str = "") -> None:
-        """LimitExceededError when a worker would hold more than `max_work_bytes` of pixels for one
-        batch (its decoded input, or a step's output before the last)."""
+        """LimitExceededError when one set of a batch's pixels in a worker (the images it reads, or a
+        step's output before the last) would take more than `max_work_bytes`."""
         _check_bytes(field, nbytes, described, self.max_work_bytes, "a worker's limit",
                      f"{self.WORK_FACTOR} x max_batch_bytes", "ask for fewer images or raise max_batch_bytes")
 

@@ -4,6 +4,7 @@ front (submitted from the caller's thread) and over a blocking source (a reader 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from types import SimpleNamespace
@@ -39,9 +40,25 @@ class Jobs:
         with self.lock:
             assert self.submitted.wait_for(lambda: len(self.futures) >= count, timeout=TIMEOUT)
 
+    def all_cancelled(self, after: int = -1) -> bool:
+        """True once every future past `after` submitted so far is cancelled (the map's reader
+        thread may still be inside a submit when the map ends: it cancels that one itself)."""
+        with self.lock:
+            futures = [f for k, f in self.futures.items() if k > after]
+        return bool(futures) and all(f.cancelled() for f in futures)
+
     def finish(self, item: int) -> None:
         self.futures[item].set_running_or_notify_cancel()
         self.futures[item].set_result(item * 10)
+
+
+def eventually(cond: Any, timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def ordered_map(items: Any, jobs: Jobs, *, window: int = 2, active: Any = lambda: True) -> Iterator[int]:
@@ -124,8 +141,7 @@ def test_leaving_early_cancels_what_is_queued(source: str) -> None:
     assert next(results) == 0
     jobs.wait_for(3)
     results.close()
-    queued = [f for k, f in jobs.futures.items() if k > 0]
-    assert queued and all(f.cancelled() for f in queued)
+    assert eventually(lambda: jobs.all_cancelled(after=0))
 
 
 @pytest.mark.parametrize("source", ["known", "iterator"])
@@ -138,4 +154,4 @@ def test_a_caller_gone_ends_the_map_with_cancelled(source: str) -> None:
     active.clear()  # the map notices within its poll interval
     assert run.done.wait(TIMEOUT)
     assert run.got == [] and isinstance(run.error, CancelledError)
-    assert jobs.futures and all(f.cancelled() for f in jobs.futures.values())
+    assert eventually(jobs.all_cancelled)

@@ -159,10 +159,16 @@ def test_submit_time_errors(pool: WorkerPool) -> None:
         pool.submit_augment(batch(2).astype(np.float32), SPEC, seed=0, epoch=0, sample_ids=[0, 1])
 
 
-def test_a_dataset_batch_may_read_more_than_it_returns_within_the_work_limit(folder: Dataset) -> None:
+def test_a_dataset_batch_may_read_more_than_it_returns_within_the_work_limit(digits: Dataset,
+                                                                             folder: Dataset) -> None:
     # The folder's images hold 360, 378, 768 and 105 bytes; a 2x2 resize returns 12 bytes each.
+    # The digits are 16 x 16 x 1 (256 bytes): 4 are 1,024 bytes read, 4 bytes each returned.
     small = load_spec({"transforms": [{"resize": {"height": 2, "width": 2}}]}).to_bytes()
-    with WorkerPool(1, datasets={"folder": folder}, max_batch_bytes=64) as p:
+    with WorkerPool(1, datasets={"folder": folder, "digits": digits}, max_batch_bytes=64) as p:
+        out, _ = p.submit_batch("digits", [0, 1, 2, 3], small, seed=0, epoch=0).result(TIMEOUT)
+        assert out.shape == (4, 2, 2, 1)
+        with pytest.raises(LimitExceededError, match="images once read are 1280 bytes, over a worker's limit"):
+            p.submit_batch("digits", [0, 1, 2, 3, 4], small, seed=0, epoch=0)  # refused at submit: a fixed shape
         out, _ = p.submit_batch("folder", [0, 3], small, seed=0, epoch=0).result(TIMEOUT)  # reads 465 > 64 bytes
         assert out.shape == (2, 2, 2, 3)
         with pytest.raises(LimitExceededError, match=r"images once read are 1611 bytes, over a worker's limit of "

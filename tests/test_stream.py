@@ -219,7 +219,8 @@ def test_a_server_that_refuses_our_segment_names_gets_the_epoch_inline(servers: 
     monkeypatch.setattr(augsvc.jobs, "is_client_segment", lambda name: False)
     with AugmentClient(servers[0]) as client:
         stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, epoch=2)
-        batches = collect(stream)
+        with pytest.warns(ResourceWarning, match="refused this client's shared-memory segments"):
+            batches = collect(stream)
         assert stream.received["shared_memory"] == 0 and stream.received["inline"] == len(batches)
         stream.close()
     assert_epoch(batches, digits, 2)

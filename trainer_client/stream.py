@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import threading
 import time
 import warnings
@@ -507,7 +508,9 @@ class AugmentedStream(IterableDataset[StreamItem]):
                         segments.discard(seg)
             if offered and not written:  # this server cannot reach our segments: stop offering them
                 self._inline_endpoints.add(endpoint)
-            if refused:
+            if refused and not fetcher.stopped:
+                warnings.warn(f"augsvc: endpoint {endpoint} refused this client's shared-memory segments (a server "
+                              "of another version?); receiving its batches inline", ResourceWarning, stacklevel=2)
                 self._fetch(endpoint, chunk, fetcher, deliver)
             return
         images, labels = self._arrays
@@ -531,9 +534,13 @@ class AugmentedStream(IterableDataset[StreamItem]):
             calls.remove(call)
 
 
+_REFUSED_SEGMENT = re.compile(r"shm_segments\[\d+\]\.(name|token): ")
+
+
 def _refuses_segments(exc: grpc.RpcError) -> bool:
-    """True when a call failed because the server refused the shared-memory segments it was offered."""
-    return exc.code() == grpc.StatusCode.INVALID_ARGUMENT and (exc.details() or "").startswith("shm_segments")
+    """True when a call failed because the server refused a segment's name or token form (a server
+    of another version); other segment errors (their count, a name twice) are this client's bugs."""
+    return exc.code() == grpc.StatusCode.INVALID_ARGUMENT and _REFUSED_SEGMENT.match(exc.details() or "") is not None
 
 
 def _fatal(exc: Exception, pending: list[int]) -> StreamError:
