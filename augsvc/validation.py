@@ -129,8 +129,8 @@ class Limits:
 
     #: Each set of pixels a worker makes for one batch before its output (the images it reads, each
     #: step's output before the last) may take this many times `max_batch_bytes`: a crop of large
-    #: photos reads far more than it returns. A worker may hold two such sets at once (a step's
-    #: input and output).
+    #: photos reads far more than it returns. A worker may hold a few such sets at once (the images
+    #: it read, a step's input and output).
     WORK_FACTOR = 16
 
     @property
