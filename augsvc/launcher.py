@@ -173,7 +173,8 @@ class ServeProcess:
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL what is left (with `own_session`, the whole process group) and reap it."""
+        """SIGKILL what is left (with `own_session`, the whole process group, whose shared-memory
+        segments are then unlinked: its resource tracker, which would have, died with it) and reap it."""
         if self.own_session:
             # The group outlives its leader while a child lingers, and no new process gets its id
             # while any member lives.
@@ -183,6 +184,10 @@ class ServeProcess:
             self.process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+        if self.own_session and self.process.returncode is not None:
+            from .shm import unlink_segments_of
+
+            unlink_segments_of(self.pid)
         if self._log_file is not None and self.process.returncode is not None:
             self._log_file.close()  # the children write to their own copies of it
 

@@ -11,8 +11,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["alive", "cpu_seconds", "descendants", "parent_of", "peak_rss_mb", "pid_namespace", "reset_peak_rss",
-           "rss_mb", "start_time", "status_kb"]
+__all__ = ["alive", "cpu_seconds", "descendants", "mapped_files", "parent_of", "peak_rss_mb", "pid_namespace",
+           "reset_peak_rss", "rss_mb", "start_time", "status_kb"]
 
 #: Indices into the fields of /proc/<pid>/stat that follow the command name (field 3 is index 0).
 _STATE, _PPID, _UTIME, _STIME, _STARTTIME = 0, 1, 11, 12, 19
@@ -50,6 +50,24 @@ def start_time(pid: int) -> int | None:
     belongs to a process with another start time."""
     fields = _live_stat_fields(pid)
     return int(fields[_STARTTIME]) if fields else None
+
+
+def mapped_files(folder: str) -> set[str]:
+    """Names of the files in `folder` that some process this one can see has mapped
+    (/proc/<pid>/maps; processes it may not read are skipped)."""
+    prefix, names = folder.rstrip("/") + "/", set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                for line in f:
+                    at = line.find(prefix)
+                    if at >= 0:
+                        names.add(line[at + len(prefix):].rstrip("\n").removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return names
 
 
 def pid_namespace() -> int | None:

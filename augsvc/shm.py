@@ -8,7 +8,8 @@ even after the pid is used again, and the namespace says whose pids these are wh
 share /dev/shm. The creator registers each segment with multiprocessing's resource tracker,
 which unlinks it if the creator dies without `release_segment(..., unlink=True)`; when the whole
 process group is killed (an OOM kill, a supervisor's SIGKILL) the tracker dies too, and the next
-server to start removes what is left (`sweep_stale_segments`). Readers attach without registering
+server to start removes what is left (`sweep_stale_segments`; also the untagged names of
+earlier versions whose creator is gone and which no process maps). Readers attach without registering
 (see `attach_segment`) and never unlink. A client on the server's host may create
 ``augsvc_client_<pid>_<owner>_<random>_<tag>`` segments for the server to write replies into
 (StreamBatchesRequest.shm_segments); names without ``<owner>`` (older clients) are still accepted.
@@ -16,6 +17,7 @@ server to start removes what is left (`sweep_stale_segments`). Readers attach wi
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -33,12 +35,12 @@ from typing import cast
 import numpy as np
 
 from .errors import LimitExceededError
-from .procfs import alive, pid_namespace, start_time
+from .procfs import alive, mapped_files, pid_namespace, start_time
 
 __all__ = ["CLIENT_HEADER_BYTES", "CLIENT_SEGMENT_FORM", "CLIENT_SEGMENT_PREFIX", "CLIENT_TOKEN_BYTES",
            "SEGMENT_PREFIX", "SHM_DIR", "attach_segment", "client_pixels", "create_client_segment", "create_segment",
            "is_client_segment", "is_unlinked", "release_segment", "segments_of", "sweep_stale_segments",
-           "usable_client_segment"]
+           "unlink_segments_of", "usable_client_segment"]
 
 log = logging.getLogger("augsvc.shm")
 
@@ -53,6 +55,8 @@ _OWNER = r"(?P<start>[0-9a-f]{1,16})\.(?P<ns>[0-9a-f]{1,16})"
 _CLIENT_NAME = re.compile(re.escape(CLIENT_SEGMENT_PREFIX)
                           + rf"[0-9]{{1,10}}_(?:{_OWNER}_)?[0-9a-f]{{8}}_[a-z]{{1,16}}")
 _OWNED_NAME = re.compile(re.escape(SEGMENT_PREFIX) + rf"(?:client_)?(?P<pid>[0-9]{{1,10}})_{_OWNER}_[0-9a-f]{{8}}_\w+")
+#: The names augsvc gave its segments before they carried an owner: the creator's pid only.
+_UNTAGGED_NAME = re.compile(re.escape(SEGMENT_PREFIX) + r"(?:client_)?(?P<pid>[0-9]{1,10})_[0-9a-f]{8}_\w+")
 
 
 def is_client_segment(name: str) -> bool:
@@ -78,11 +82,20 @@ def segments_of(pid: int) -> set[str]:
     return {name for name in os.listdir(SHM_DIR) if name.startswith(prefix)}
 
 
+def unlink_segments_of(pid: int) -> None:
+    """Unlink the segments process `pid` created; for its parent once it is gone (killed with
+    its resource tracker)."""
+    for name in segments_of(pid):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHM_DIR, name))
+
+
 def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink the segments whose creator no longer exists: its pid is gone, or now belongs to a
     process that started at another time. Only segments of this pid namespace are judged (another
-    namespace's pids mean nothing here), and names without an owner tag are left alone. Returns
-    the names removed (and logs them)."""
+    namespace's pids mean nothing here). A name without an owner tag (made before names carried
+    one) is removed when no process has its pid and none that this one can see has it mapped.
+    Returns the names removed (and logs them)."""
     own_ns, freed = pid_namespace(), 0
     removed: list[str] = []
     if own_ns is None:
@@ -91,13 +104,22 @@ def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
         names = os.listdir(shm_dir)
     except OSError:
         return removed
+    stale: list[str] = []
+    untagged: list[str] = []
     for name in names:
         m = _OWNED_NAME.fullmatch(name)
-        if m is None or int(m["ns"], 16) != own_ns:
+        if m is not None:
+            pid = int(m["pid"])
+            if int(m["ns"], 16) == own_ns and not (alive(pid) and start_time(pid) == int(m["start"], 16)):
+                stale.append(name)
             continue
-        pid = int(m["pid"])
-        if alive(pid) and start_time(pid) == int(m["start"], 16):
-            continue
+        m = _UNTAGGED_NAME.fullmatch(name)
+        if m is not None and not alive(int(m["pid"])):
+            untagged.append(name)
+    if untagged:  # read every process's maps only when there is such a name to judge
+        in_use = mapped_files(shm_dir)
+        stale += [name for name in untagged if name not in in_use]
+    for name in stale:
         path = os.path.join(shm_dir, name)
         try:
             size = os.stat(path).st_size

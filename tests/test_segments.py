@@ -18,6 +18,7 @@ from augsvc.procfs import alive, pid_namespace, start_time
 from augsvc.server import ServerSettings, create_server
 from augsvc.shm import (
     SHM_DIR,
+    attach_segment,
     create_client_segment,
     create_segment,
     is_client_segment,
@@ -80,15 +81,20 @@ def test_sweep_removes_only_segments_of_processes_that_no_longer_exist() -> None
     stale = [fake(f"augsvc_{gone}_{started:x}.{NS:x}_{tag}_ds"),                  # pid gone
              fake(f"augsvc_client_{gone}_{started:x}.{NS:x}_{tag}_batch"),     # a dead client's
              fake(f"augsvc_{me}_{started + 1:x}.{NS:x}_{tag}_in0")]             # pid used again
+    stale += [fake(f"augsvc_{gone}_{tag}_ds"),                                  # untagged (older): pid gone
+              fake(f"augsvc_client_{gone}_{tag}_batch")]                        # and nobody maps it
     kept = [fake(f"augsvc_{me}_{started:x}.{NS:x}_{tag}_out0"),                 # this live process
             fake(f"augsvc_{gone}_{started:x}.{NS + 1:x}_{tag}_ds"),             # another pid namespace
-            fake(f"augsvc_{gone}_{tag}_ds")]                                    # no owner tag: cannot tell
+            fake(f"augsvc_{me}_{tag}_in0"),                                     # untagged, its pid alive
+            fake(f"augsvc_{gone}_{tag}_out0")]                                  # untagged, mapped (below)
+    in_use = attach_segment(kept[-1])  # mapped by this process, not registered for unlinking
     try:
         removed = sweep_stale_segments()
         assert set(stale) <= set(removed) and not set(kept) & set(removed)
         left = set(os.listdir(SHM_DIR))
         assert not set(stale) & left and set(kept) <= left
     finally:
+        release_segment(in_use, unlink=False)
         for name in stale + kept:
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
@@ -116,13 +122,13 @@ def test_a_server_killed_with_its_process_group_leaves_nothing_after_the_next_st
         first.process.wait(timeout=30)
         wait_until(lambda: not any(alive(p) for p in group), what="the killed group to exit")
         assert segments_of(first.pid) == left  # what issue 12 found: nothing unlinked them
+        server, _port = create_server(f"unix:{tmp_path / 'b.sock'}", ServerSettings(workers=1))
+        try:
+            assert segments_of(first.pid) == set()
+        finally:
+            server.stop(0)
     finally:
         first.kill()
-    server, _port = create_server(f"unix:{tmp_path / 'b.sock'}", ServerSettings(workers=1))
-    try:
-        assert segments_of(first.pid) == set()
-    finally:
-        server.stop(0)
 
 
 def test_a_live_servers_segments_survive_another_start(tmp_path: Path) -> None:
@@ -137,3 +143,5 @@ def test_a_live_servers_segments_survive_another_start(tmp_path: Path) -> None:
         assert segments_of(first.pid) == before
     finally:
         first.kill()
+    # The launcher killed the whole group, resource tracker included, and unlinked what it left.
+    assert segments_of(first.pid) == set()
