@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from augsvc.datasets import JPEG_DECODER, DecodeSize
+from augsvc.datasets import JPEG_DECODER, LAYOUTS, DecodeSize
 
 from .common import Window, compare_rates, interleaved_rates, machine, write_json
 
@@ -38,7 +38,6 @@ TRAIN_SPEC: dict[str, Any] = {"transforms": [
     {"hflip": {"p": 0.5}},
     {"color": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05, "p": 0.8}},
 ]}
-LAYOUTS = ("decoded", "encoded", "files")
 
 
 def make_jpeg_folder(root: Path, count: int, *, seed: int = 0, sides: tuple[int, int] = (256, 512),

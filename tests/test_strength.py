@@ -131,7 +131,9 @@ def test_strength_scales_each_draw_by_its_rule(step: dict[str, Any], rule: Any, 
     one = draws_at(step, 1.0)
     mixed = np.resize(LEVELS, N)  # every level, on samples of the same batch
     at = draws_at(step, mixed)
-    assert repr(draws_at(step, 1.0).values) == repr(one.values)  # strength 1 is the draw itself, exactly
+    (plain,) = draw_steps(load_spec([step]), seed=3, epoch=1, sample_ids=IDS, heights=np.full(N, H),
+                          widths=np.full(N, W), strength=None)
+    assert repr(plain.values) == repr(one.values)  # strength 1 is the draw without a strength, exactly
     kept = mixed > 0 if magnitude else np.ones(N, bool)
     np.testing.assert_array_equal(at.apply[kept], one.apply[kept])  # the same samples, the same uniforms...
     if magnitude:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from augsvc.spec import Spec, load_spec
 
 from .adaptive import (
+    GAP_METRICS,
     ClassGaps,
     ControllerSettings,
     StrengthCallback,
@@ -57,14 +58,10 @@ from .served_data import (
 )
 from .stream import AugmentedStream
 from .study import STUDY_CONTROLLER
-from .train import Callback, TrainConfig, fit, resolve_device
+from .train import Callback, TrainConfig, fit, quiet, resolve_device
 from .world import World
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "augsvc" / "examples" / "digits.yaml"
-
-
-def _quiet(*_args: Any, **_kwargs: Any) -> None:
-    """print() for ranks other than 0."""
 
 
 @contextlib.contextmanager
@@ -151,7 +148,7 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
     out = Path(args.out)
     spec = load_spec(args.spec)
     with process_group(args.device) as world, connect(args, world) as client:
-        say: Callable[..., None] = print if world.is_main else _quiet
+        say: Callable[..., None] = print if world.is_main else quiet
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
         info = client.dataset_info(args.dataset)
@@ -359,7 +356,7 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
     p.add_argument("--augment-strength", metavar="adaptive|ramp|FLOAT",
                    help="the augmentation strength per epoch: a fixed value in [0, 1], a ramp 0 -> 1 over the "
                         "epochs, or adaptive (follows the clean train-val gap; default: the spec as written)")
-    p.add_argument("--strength-gap", choices=["loss", "ratio", "acc"], default=STUDY_CONTROLLER.gap,
+    p.add_argument("--strength-gap", choices=GAP_METRICS, default=STUDY_CONTROLLER.gap,
                    help="adaptive: the clean gap the controller watches")
     p.add_argument("--strength-target", type=float, default=STUDY_CONTROLLER.target, help="adaptive: its target")
     p.add_argument("--strength-step", type=float, default=STUDY_CONTROLLER.step, help="adaptive: change per epoch")

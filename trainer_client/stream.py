@@ -66,7 +66,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from augsvc.errors import AugsvcError, LimitExceededError, StreamError
 from augsvc.plan import epoch_batches
 from augsvc.security import is_local_address
-from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels, release_segment
+from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -500,9 +500,8 @@ class AugmentedStream(IterableDataset[StreamItem]):
                 exc.__traceback__ = None  # the call's frame: see _Fetcher._run
             finally:
                 for seg in offered.values():  # not written (inline replies) if the call completed
-                    if segments is None:
-                        release_segment(seg.shm, unlink=True)
-                    elif completed:
+                    assert segments is not None  # segments are offered only from a pool
+                    if completed:
                         segments.release(seg)
                     else:
                         segments.discard(seg)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adaptive import ControllerSettings, StrengthController, clean_gaps, stratified_subset
+from .adaptive import GAP_METRICS, ControllerSettings, StrengthController, clean_gaps, stratified_subset
 from .model import RegularizedCNN
 from .train import TrainConfig, _make_optimizer, training_loss
 
@@ -166,7 +166,7 @@ def run_arm(arm: Arm, size: int, seed: int, split: StudySplit, digits: Digits, c
         optimizer = _make_optimizer(model, train_config)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps)
         step, epoch, last_update = 0, 0, 0
-        strength = arm.value if arm.kind == "fixed" else (config.controller.start if controller else 0.0)
+        strength = arm.value if arm.kind == "fixed" else 0.0  # a controller's comes from it, below
         trace: list[tuple[int, Any]] = []
         while step < config.steps:
             class_strength = controller.class_strength if controller else None
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=STUDY_CONTROLLER.step, help="controller: strength change per update")
     p.add_argument("--start", type=float, default=STUDY_CONTROLLER.start,
                    help="controller: strength before the first update")
-    p.add_argument("--gap", choices=["loss", "ratio", "acc"], default=STUDY_CONTROLLER.gap,
+    p.add_argument("--gap", choices=GAP_METRICS, default=STUDY_CONTROLLER.gap,
                    help="controller: which clean gap")
     p.add_argument("--interval", type=int, default=50, help="controller: least steps between updates")
     p.add_argument("--quick", action="store_true", help="a tiny version (one seed, one size, 16 steps)")

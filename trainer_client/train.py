@@ -393,7 +393,7 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     run = _Run(model, model, optimizer, scheduler, OverfitMonitor(config.gap_warn_epochs), config, device, world,
                data, dict(stateful or {}), callbacks)
     history = History(warnings=run.monitor.warnings)
-    say = log if world.is_main else _quiet
+    say = log if world.is_main else quiet
     out = config.out_dir if world.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -474,5 +474,5 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     return history
 
 
-def _quiet(_line: str) -> None:
-    """The log of ranks other than 0."""
+def quiet(*_args: Any, **_kwargs: Any) -> None:
+    """print() / the log of ranks other than 0."""

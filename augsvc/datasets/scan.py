@@ -86,8 +86,7 @@ def _probe_file(path: str, verify: bool, size: DecodeSize | None) -> tuple[Heade
     return header, scale, os.path.getsize(path) if len(data) == _HEAD_BYTES else len(data)
 
 
-def scan(table: FileTable, *, size: DecodeSize | None, verify: bool = False, threads: int | None = None
-         ) -> tuple[Catalog, list[tuple[int, str]]]:
+def scan(table: FileTable, *, size: DecodeSize | None, verify: bool = False) -> tuple[Catalog, list[tuple[int, str]]]:
     """Read every file's header (and with `verify`, decode it); returns the catalog and the
     files that failed, as (index, reason)."""
     n = len(table)
@@ -108,7 +107,7 @@ def scan(table: FileTable, *, size: DecodeSize | None, verify: bool = False, thr
             cat.formats[i], cat.heights[i], cat.widths[i] = header.format, header.height, header.width
             cat.gray[i], cat.scales[i], cat.file_bytes[i] = header.gray, scale, nbytes
 
-    with ThreadPoolExecutor(threads or min(16, 4 * (os.cpu_count() or 1)), thread_name_prefix="augsvc-scan") as ex:
+    with ThreadPoolExecutor(min(16, 4 * (os.cpu_count() or 1)), thread_name_prefix="augsvc-scan") as ex:
         list(ex.map(run, range(0, n, _CHUNK)))
     return cat, sorted(bad)
 
