@@ -203,3 +203,15 @@ def test_augsvc_train_with_an_adaptive_strength(tmp_path: Path) -> None:
     steps = {round(abs(b["strength"] - a["strength"]), 6) for a, b in zip(rows, rows[1:], strict=False)}
     assert steps <= {0.05, 0.0}  # the controller moves by its step (or holds at a clamp)
     assert "strength 0.50" in proc.stdout
+
+
+@pytest.mark.parametrize("form", [["--experiment", "adaptive"], ["--experiment=adaptive"]])
+def test_experiment_adaptive_runs_the_study_with_its_own_options(form: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer_client.study
+    from trainer_client.cli import main
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(trainer_client.study, "main", lambda argv: seen.append(list(argv)) or 7)
+    assert main(["--out", "x", *form, "--quick"]) == 7
+    assert seen == [["--out", "x", "--quick"]]

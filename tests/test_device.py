@@ -76,6 +76,8 @@ def test_normalisation_on_the_device_matches_the_models_and_keeps_channels_last(
         assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images, model.normalize(raw))
         assert torch.equal(images, normalize_uint8(raw, model.mean, model.std))
+        by_hand = (raw.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        torch.testing.assert_close(images, by_hand)  # the formula itself, not the shared helper
 
 
 def test_bad_arguments_are_refused() -> None:

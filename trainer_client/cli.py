@@ -308,12 +308,17 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
     """The command line; `callbacks` go to `fit` (for programs that drive a run)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "adaptive" in argv and argv.index("adaptive") > 0 and argv[argv.index("adaptive") - 1] == "--experiment":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs = list(zip(argv, argv[1:], strict=False))
+    if "--experiment=adaptive" in argv or ("--experiment", "adaptive") in pairs:
         from .study import main as study_main  # the adaptive-augmentation study has options of its own
 
-        at = argv.index("adaptive")
-        return study_main(argv[:at - 1] + argv[at + 1:])
+        if "--experiment=adaptive" in argv:
+            argv.remove("--experiment=adaptive")
+        else:
+            at = pairs.index(("--experiment", "adaptive"))
+            del argv[at:at + 2]
+        return study_main(argv)
     p = argparse.ArgumentParser(prog="augsvc-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="augsvc target(s): host:port, a comma list, unix:/path or dns:///name:port "
