@@ -87,17 +87,13 @@ def decoder_costs(paths: list[Path], *, seconds: float, size: DecodeSize | None)
             return 1
         return run
 
-    def pillow(b: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(b)) as im:
-            return np.asarray(im.convert("RGB"))
-
     def pillow_draft2(b: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(b)) as im:
             im.draft("RGB", (im.size[0] // 2, im.size[1] // 2))
             return np.asarray(im.convert("RGB"))
 
     fns = {
-        "pillow": one(pillow),
+        "pillow": one(lambda b: pillow_rgb(io.BytesIO(b))),
         "pillow_draft_1/2": one(pillow_draft2),
         "cv2.imdecode": one(lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB)),
         "cv2.imdecode_1/2": one(lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)),
@@ -107,6 +103,51 @@ def decoder_costs(paths: list[Path], *, seconds: float, size: DecodeSize | None)
     }
     rates = compare_rates(fns, seconds=seconds, rounds=5)
     return {name: 1e3 / rate for name, rate in rates.items()}
+
+
+def folder_facts(paths: list[Path], size: DecodeSize | None, *, sample: int = 200) -> dict[str, Any]:
+    """What the README says of these files: their decoded size (the decoded layout's memory), how
+    many decode at 1/2 or less at the declared size, whether the decoders give Pillow's bytes
+    (on `sample` files), what fast DCT changes, and what reading a header costs."""
+    import time
+
+    import cv2
+    import simplejpeg
+    from PIL import Image
+
+    from augsvc.datasets.decode import dct_scale, probe
+
+    headers = [probe(p.read_bytes()) for p in paths]
+    decoded_mb = sum(h.height * h.width * 3 for h in headers) / 1e6
+    scaled_down = sum(dct_scale(h.height, h.width, size) > 1 for h in headers) if size else 0
+    blobs = [p.read_bytes() for p in paths[:sample]]
+    same_simplejpeg = same_cv2 = 0
+    fast_diff, fast_changed = [], []
+    for b in blobs:
+        want = pillow_rgb(io.BytesIO(b))
+        same_simplejpeg += int(np.array_equal(simplejpeg.decode_jpeg(b, "RGB"), want))
+        by_cv2 = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB)
+        same_cv2 += int(by_cv2 is not None and np.array_equal(by_cv2, want))
+        fast = simplejpeg.decode_jpeg(b, "RGB", fastdct=True, fastupsample=True).astype(np.int16)
+        diff = np.abs(fast - want)
+        fast_diff.append(float(diff.mean()))
+        fast_changed.append(float((diff > 0).mean()))
+
+    def per_header_us(read: Any) -> float:
+        start = time.perf_counter()
+        for b in blobs:
+            read(b)
+        return 1e6 * (time.perf_counter() - start) / len(blobs)
+
+    def pillow_header(b: bytes) -> Any:
+        with Image.open(io.BytesIO(b)) as im:
+            return im.size
+
+    return {"decoded_mb": decoded_mb, "scaled_down_at_size": scaled_down, "sample": len(blobs),
+            "same_as_pillow": {"simplejpeg": same_simplejpeg, "cv2.imdecode": same_cv2},
+            "fastdct_mean_levels": float(np.mean(fast_diff)), "fastdct_changed_share": float(np.mean(fast_changed)),
+            "header_us": {"simplejpeg": per_header_us(simplejpeg.decode_jpeg_header),
+                          "pillow": per_header_us(pillow_header)}}
 
 
 def albumentations_compose() -> Any:
@@ -263,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--skip-one-core", action="store_true", help="only the end-to-end comparison")
     parser.add_argument("--folder", help="use (or make) the JPEG folder here instead of a temporary one")
+    parser.add_argument("--facts-only", action="store_true", help="the folder's facts (sizes, decoders' bytes), "
+                        "no timing windows")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     size = None if args.decode_size == "none" else DecodeSize.parse(args.decode_size)
@@ -275,6 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(paths)} JPEGs, {mb:.0f} MB, 256-512 px a side ({machine()}; {JPEG_DECODER})")
         result: dict[str, Any] = {"images": len(paths), "encoded_mb": mb, "workers": args.workers,
                                   "batch": args.batch, "decode_size": str(size), "decoder": JPEG_DECODER}
+        facts = result["facts"] = folder_facts(paths, size)
+        print(f"decoded: {facts['decoded_mb']:.0f} MB; at decode size {size}: {facts['scaled_down_at_size']} of "
+              f"{len(paths)} files decode at 1/2 or less; on {facts['sample']} files, the same bytes as Pillow: "
+              f"simplejpeg {facts['same_as_pillow']['simplejpeg']}, cv2.imdecode "
+              f"{facts['same_as_pillow']['cv2.imdecode']}; fast DCT + upsampling: mean "
+              f"{facts['fastdct_mean_levels']:.2f} levels, {100 * facts['fastdct_changed_share']:.0f}% of values "
+              f"changed; a header read: simplejpeg {facts['header_us']['simplejpeg']:.1f} us, Pillow "
+              f"{facts['header_us']['pillow']:.1f} us")
+        if args.facts_only:
+            write_json(args.json, {"benchmark": "jpeg", **result})
+            return 0
         if not args.skip_one_core:
             result["decoders_ms"] = decoder_costs(paths, seconds=args.seconds / 2, size=size)
             print("one core, ms per image: " + ", ".join(f"{k} {v:.3f}" for k, v in result["decoders_ms"].items()))
