@@ -171,26 +171,36 @@ def pillow_rgb(path: str | io.BytesIO) -> np.ndarray:
 
 def worker_share(paths: list[Path], *, seconds: float, batch: int, size: DecodeSize | None) -> dict[str, float]:
     """Milliseconds per image on one core, measured interleaved: a worker's two parts — decoding
-    a file (augsvc's decoder, at the declared size if any) and augmenting the decoded image with
-    TRAIN_SPEC (the fused engine, batches of `batch`) — and what (a) does per image (Pillow decode
-    and the albumentations Compose)."""
+    a file (augsvc's decoder, at the declared size if any, into a reused buffer as RGBX, as a
+    worker's dataset reader does) and augmenting the decoded image with TRAIN_SPEC (the fused
+    engine, batches of `batch`) — and what (a) does per image (Pillow decode and the
+    albumentations Compose)."""
     import cv2
 
-    from augsvc.datasets.decode import dct_scale, decode, probe
+    from augsvc.datasets.decode import dct_scale, decode, probe, scaled
     from augsvc.engine import augment_batch
 
     cv2.setNumThreads(0)
     blobs = [p.read_bytes() for p in paths[:batch * 4]]
     headers = [probe(b) for b in blobs]
-    images = [decode(b, h, 3, dct_scale(h.height, h.width, size)) for b, h in zip(blobs, headers, strict=True)]
+    shapes = [scaled(h.height, h.width, dct_scale(h.height, h.width, size)) for h in headers]
+    ends = np.cumsum([hh * ww * 4 for hh, ww in shapes])
+    buffer = np.empty(int(ends[-1]), np.uint8)  # every image's RGBX, as a worker's reader holds a batch
+
+    def into(i: int) -> np.ndarray:
+        start = int(ends[i - 1]) if i else 0
+        return buffer[start:int(ends[i])].reshape(*shapes[i], 4)
+
+    images = [decode(b, h, 3, dct_scale(h.height, h.width, size), into(i))
+              for i, (b, h) in enumerate(zip(blobs, headers, strict=True))]
     out = np.empty((batch, 224, 224, 3), np.uint8)
     compose = albumentations_compose()
     state = {"k": 0}
 
     def decode_batch() -> int:
         k = state["k"] % 4
-        for b, h in zip(blobs[k * batch:(k + 1) * batch], headers[k * batch:(k + 1) * batch], strict=True):
-            decode(b, h, 3, dct_scale(h.height, h.width, size))
+        for i in range(k * batch, (k + 1) * batch):
+            decode(blobs[i], headers[i], 3, dct_scale(headers[i].height, headers[i].width, size), into(i))
         state["k"] += 1
         return batch
 

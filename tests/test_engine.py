@@ -693,3 +693,50 @@ def test_a_batch_over_max_bytes_is_refused_before_the_work() -> None:
     empty = augment_batch(np.zeros((0, 8, 8, 1), np.uint8), [{"rotate": {"limit_range": [-5, 5]}}], seed=0,
                           epoch=0, sample_ids=[], strength=0.5)
     assert empty.shape == (0, 8, 8, 1)
+
+
+def test_hue_tables_shift_every_hue_by_every_amount_mod_180() -> None:
+    from augsvc.transforms.color import _shift_hue
+
+    rng = np.random.default_rng(3)
+    hsv = rng.integers(0, 256, (180, 180, 3), dtype=np.uint8)
+    hsv[..., 0] = np.arange(180, dtype=np.uint8)[None, :]  # every hue on every row
+    plane = np.empty(hsv.shape[:2], np.uint8)
+    for k in range(180):
+        got = hsv.copy()
+        _shift_hue(got, k, plane)
+        np.testing.assert_array_equal(got[..., 0], (hsv[..., 0].astype(np.int64) + k) % 180)
+        np.testing.assert_array_equal(got[..., 1:], hsv[..., 1:])  # saturation and value untouched
+
+
+def test_rgb_views_of_rgbx_pixels_warp_like_contiguous_images() -> None:
+    # What a worker hands the engine from an encoded or files dataset: RGB views of RGBX buffers
+    # (`augsvc.datasets.decode.decode`). The warp reads the 4-byte pixels as they are; the output
+    # must be the bytes of the same images held as contiguous RGB, whatever the 4th byte holds.
+    from augsvc.engine.fused import _rgbx_of
+
+    rng = np.random.default_rng(5)
+    rgb = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((90, 120), (131, 77), (64, 64))]
+    flat = np.empty(sum(im.shape[0] * im.shape[1] * 4 for im in rgb), np.uint8)
+    views, start = [], 0
+    for im in rgb:
+        h, w, _ = im.shape
+        rgbx = flat[start:start + h * w * 4].reshape(h, w, 4)
+        rgbx[..., :3], rgbx[..., 3] = im, rng.integers(0, 256, (h, w), dtype=np.uint8)
+        views.append(rgbx[..., :3])
+        start += h * w * 4
+    assert all(_rgbx_of(v) is not None for v in views)
+    spec = [{"rotate": {"limit_range": [-30, 30]}}, {"random_resized_crop": {"height": 56, "width": 64}},
+            {"hflip": {"p": 0.5}}, {"color": {"brightness": 0.3, "saturation": 0.3, "hue": 0.2, "p": 1.0}}]
+    for backend in BACKENDS:
+        want = augment_batch(rgb, spec, seed=2, epoch=1, sample_ids=[4, 5, 6], backend=backend)
+        got = augment_batch(views, spec, seed=2, epoch=1, sample_ids=[4, 5, 6], backend=backend)
+        np.testing.assert_array_equal(got, want)
+    # Only views whose 4th bytes are their owner's memory are read as RGBX: not the last three
+    # channels of an RGBA image (the last pixel's 4th byte would lie past the end), nor RGB itself.
+    rgba = rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    assert _rgbx_of(rgba[:, :, 1:]) is None
+    assert _rgbx_of(rgb[0]) is None
+    rows = _rgbx_of(rgba[2:5, :, :3])
+    assert rows is not None and not rows.flags.writeable
+    np.testing.assert_array_equal(rows, rgba[2:5])

@@ -433,3 +433,57 @@ def test_decode_images_refuses_corrupt_requests() -> None:
         decode_images([data[:len(data) // 2]])
     with pytest.raises(DecodeFailed, match="the file is empty"):
         probe(b"")
+
+
+@pytest.mark.parametrize("kind", ["photo", *sorted(_odd_images())])
+def test_decoding_into_rgbx_gives_the_rgb_bytes(kind: str) -> None:
+    data = jpeg(photo(37, 53, 2)) if kind == "photo" else _odd_images()[kind][0]
+    header = probe(data)
+    want = decode(data, header, 3)
+    buffer = np.full((header.height, header.width, 4), 9, np.uint8)
+    got = decode(data, header, 3, 1, buffer)
+    assert got.shape == want.shape and got.strides == (4 * header.width, 4, 1) and np.shares_memory(got, buffer)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["encoded", "files"])
+@pytest.mark.parametrize("sizes", [SIZES, [(40, 52)] * 4], ids=["mixed", "one_shape"])
+def test_gather_without_copy_decodes_into_one_reused_buffer(tmp_path: Path, layout: str,
+                                                            sizes: list[tuple[int, int]]) -> None:
+    make_jpeg_folder(tmp_path, sizes)
+    with load_dataset("d", str(tmp_path), layout=layout) as ds:
+        reader = attach(ds.handle())
+        try:
+            ids = np.array([3, 0, 2, 1])
+            want = [im.copy() for im in reader.gather(ids)]
+            first = reader.gather(ids, copy=False)
+            assert all(not im.flags.writeable for im in first)
+            for got, expected in zip(first, want, strict=True):
+                np.testing.assert_array_equal(got, expected)
+            second = reader.gather(ids[::-1], copy=False)  # the same memory, now the other images
+            assert np.shares_memory(first[0], second[0])
+            for got, expected in zip(second, want[::-1], strict=True):
+                np.testing.assert_array_equal(got, expected)
+        finally:
+            reader.close()
+
+
+def test_workers_give_every_layout_the_same_bytes_at_rgba_warp_sizes(tmp_path: Path) -> None:
+    # Outputs of 48x48 and more are warped as RGBA: the encoded and files layouts then hand the
+    # warp RGBX pixels as decoded (no conversion), the decoded layout RGB converted to RGBA.
+    make_jpeg_folder(tmp_path)
+    big = {"transforms": [{"random_resized_crop": {"height": 64, "width": 56}}, {"hflip": {"p": 0.5}},
+                          {"color": {"brightness": 0.2, "saturation": 0.2, "hue": 0.1, "p": 1.0}}]}
+    datasets = {layout: load_dataset(layout, str(tmp_path), layout=layout) for layout in LAYOUTS}
+    try:
+        with WorkerPool(2, datasets=datasets, max_batch_bytes=1 << 20) as pool:
+            futures = {layout: [pool.submit_batch(layout, ids, big, seed=3, epoch=2) for ids in ([5, 1, 0], [2, 4, 3])]
+                       for layout in LAYOUTS}
+            outputs = {layout: np.concatenate([f.result(timeout=60)[0] for f in fs]) for layout, fs in futures.items()}
+        pixels = gather(datasets["decoded"], [5, 1, 0, 2, 4, 3])
+    finally:
+        for ds in datasets.values():
+            ds.close()
+    want = augment_batch(pixels, big, seed=3, epoch=2, sample_ids=[5, 1, 0, 2, 4, 3])
+    for layout in LAYOUTS:
+        np.testing.assert_array_equal(outputs[layout], want, err_msg=layout)

@@ -142,23 +142,29 @@ def _open_png(data: bytes | memoryview) -> Any:
 def decode(data: bytes | memoryview, header: Header, channels: int, scale: int = 1,
            out: np.ndarray | None = None) -> np.ndarray:
     """Pixels (H, W, `channels`) uint8 of an image whose header is `header`, at 1/`scale` for a JPEG
-    (`dct_scale`); into `out` (a C-contiguous array of exactly that shape) when given. DecodeFailed
-    for data that is corrupt or truncated."""
+    (`dct_scale`); into `out` when given: a C-contiguous array of exactly that shape, or, for
+    3 channels, of shape (H, W, 4) — the pixels then fill its first three channels (a JPEG is
+    decoded straight to RGBX: same RGB bytes) and the result is that (H, W, 3) view, which the
+    fused engine warps without converting it to RGBA first. DecodeFailed for data that is corrupt
+    or truncated."""
+    rgbx = out is not None and channels == 3 and out.ndim == 3 and out.shape[2] == 4
     if header.format == JPEG:
         h, w = scaled(header.height, header.width, scale)
+        colorspace = "GRAY" if channels == 1 else "RGBX" if rgbx else "RGB"
         try:
-            pixels: np.ndarray = simplejpeg.decode_jpeg(data, "GRAY" if channels == 1 else "RGB", min_height=h,
-                                                        min_width=w, min_factor=scale, buffer=out, strict=True)
-            return pixels
+            pixels: np.ndarray = simplejpeg.decode_jpeg(data, colorspace, min_height=h, min_width=w,
+                                                        min_factor=scale, buffer=out, strict=True)
         except ValueError as exc:
             raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+        return pixels[:, :, :3] if rgbx else pixels
     pixels = _png_pixels(data, channels)
     if pixels.shape[:2] != (header.height, header.width):
         raise DecodeFailed(f"decoded as {pixels.shape[:2]}, its header says {(header.height, header.width)}")
     if out is None:
         return pixels
-    out[...] = pixels
-    return out
+    target = out[:, :, :3] if rgbx else out
+    target[...] = pixels
+    return target
 
 
 def _png_pixels(data: bytes | memoryview, channels: int) -> np.ndarray:

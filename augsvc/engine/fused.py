@@ -8,29 +8,53 @@ from typing import Any
 import cv2
 import numpy as np
 
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
+
 from ..spec import Spec
 from ..transforms import ColorTransform, Draw, GeometricTransform, PixelTransform, Resampling
 from .images import BORDERS, Images, as_list, stack_if_uniform
 
 # OpenCV 5's bilinear warp moves 4-channel pixels much faster than 3-channel ones (measured:
-# 224x224, 366 -> 243 us), so RGB images of this many pixels or more are warped as RGBA; the two
-# conversions cost ~13 us each and the channels come out bit-identical.
+# 224x224, 366 -> 243 us), so RGB images of this many pixels or more are warped as RGBA and the
+# channels come out bit-identical. Converting a ~400x370 source to RGBA costs ~30 us (skipped when
+# it is already RGBX: `_rgbx_of`), the 224x224 result back to RGB ~3 us.
 _RGBA_MIN_PIXELS = 48 * 48
 
 
 class _Scratch:
-    """Reused RGBA buffers for one batch's warps (one shape at a time)."""
+    """Reused RGBA buffers for one batch's warps: each a view of a flat buffer that only grows, so
+    that images of many sizes cost a few allocations (and their page faults), not one each."""
 
     def __init__(self) -> None:
-        self.src: np.ndarray | None = None
-        self.dst: np.ndarray | None = None
+        self._flat: dict[str, np.ndarray] = {}
 
-    def get(self, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        if self.src is None or self.src.shape[:2] != src_hw:
-            self.src = np.empty((*src_hw, 4), np.uint8)
-        if self.dst is None or self.dst.shape[:2] != dst_hw:
-            self.dst = np.empty((*dst_hw, 4), np.uint8)
-        return self.src, self.dst
+    def rgba(self, key: str, hw: tuple[int, int]) -> np.ndarray:
+        n = hw[0] * hw[1] * 4
+        flat = self._flat.get(key)
+        if flat is None or flat.size < n:
+            flat = self._flat[key] = np.empty(n, np.uint8)
+        return flat[:n].reshape(hw[0], hw[1], 4)
+
+
+def _rgbx_of(src: np.ndarray) -> np.ndarray | None:
+    """The (H, W, 4) array whose first three channels are `src`, when `src` is such a view of
+    4-byte pixels (what a decoder writing RGBX gives, `augsvc.datasets.decode.decode`): the warp
+    then reads it as it is, without converting RGB to RGBA first. None otherwise. The fourth
+    byte's value never matters: the warp treats each channel alone."""
+    h, w, c = src.shape
+    if c != 3 or src.strides != (4 * w, 4, 1):
+        return None
+    owner = src
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    low, high = byte_bounds(owner)
+    start = src.__array_interface__["data"][0]
+    if not low <= start <= start + 4 * h * w <= high:  # the 4th bytes are the owner's memory
+        return None
+    return np.lib.stride_tricks.as_strided(src, (h, w, 4), (4 * w, 4, 1), writeable=False)
 
 
 def _axis_slice(scale: float, shift: float, out: int, size: int) -> slice | None:
@@ -72,8 +96,10 @@ def _warp_one(src: np.ndarray, m: np.ndarray, oh: int, ow: int, dst: np.ndarray 
         dst = np.empty((oh, ow, channels), np.uint8)
     fills = (fill, fill, fill, fill)
     if channels == 3 and oh * ow >= _RGBA_MIN_PIXELS:
-        src4, dst4 = scratch.get((h, w), (oh, ow))
-        cv2.cvtColor(src, cv2.COLOR_RGB2RGBA, dst=src4)
+        dst4, src4 = scratch.rgba("dst", (oh, ow)), _rgbx_of(src)
+        if src4 is None:
+            src4 = scratch.rgba("src", (h, w))
+            cv2.cvtColor(src, cv2.COLOR_RGB2RGBA, dst=src4)
         cv2.warpAffine(src4, m[:2], (ow, oh), dst=dst4, flags=cv2.INTER_LINEAR, borderMode=border,
                        borderValue=fills)
         cv2.cvtColor(dst4, cv2.COLOR_RGBA2RGB, dst=dst)
