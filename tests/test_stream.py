@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from helpers.data import served_digits
 
 from augsvc import augment_batch, epoch_batches, load_spec
 from augsvc.server import ServerSettings, create_server
+from augsvc.worker import SLEEP_HOOK_ENV
 from trainer_client import AugmentClient, AugmentedStream, StreamError
 from trainer_client.embedded import EmbeddedServer
 
@@ -224,3 +226,38 @@ def test_a_server_that_refuses_our_segment_names_gets_the_epoch_inline(servers: 
         assert stream.received["shared_memory"] == 0 and stream.received["inline"] == len(batches)
         stream.close()
     assert_epoch(batches, digits, 2)
+
+
+def test_streams_beyond_the_pool_limit_are_refused_retried_and_each_gets_its_epoch(
+        digits: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each StreamBatches call keeps up to 2 x workers batches in the pool; a server admits
+    # max_inflight. Three streams at once on a server that admits 2 jobs: calls beyond the limit
+    # are refused (RESOURCE_EXHAUSTED, counted), the clients retry them, and every stream still
+    # gets its whole epoch exactly once. Every batch sleeps 20 ms in the worker (the tests' hook),
+    # so the three streams' calls overlap for certain.
+    from helpers.servers import serve
+
+    monkeypatch.setenv(SLEEP_HOOK_ENV, f"{SEED}:0.02")
+    settings = ServerSettings(workers=1, datasets={"digits": "builtin:digits"}, max_inflight=2)
+    results: dict[int, list] = {}
+    errors: list[str] = []
+    with serve(settings) as s:
+        def run(epoch: int) -> None:
+            try:
+                with AugmentClient(s.target) as client:
+                    results[epoch] = collect(AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED,
+                                                             epoch=epoch))
+            except Exception as exc:  # reported below, with the others
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=run, args=(epoch,)) for epoch in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        refused = s.server.metrics.registry.get_sample_value(
+            "augsvc_errors_total", {"method": "StreamBatches", "code": "RESOURCE_EXHAUSTED"})
+    assert not errors and not any(thread.is_alive() for thread in threads), errors
+    assert refused is not None and refused >= 1
+    for epoch in range(3):
+        assert_epoch(results[epoch], digits, epoch)
