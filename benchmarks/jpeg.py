@@ -8,6 +8,8 @@ side: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3), horizontal flip, colo
   (a) torch DataLoader(num_workers=W): Pillow decode + albumentations Compose   — the usual way
   (b) AugmentedStream from a local augsvc with W workers, once per layout (decoded, encoded,
       files), at full-size decode and with a declared decode size (`--decode-size`)
+  (c) with `--dali-python PY`: NVIDIA DALI's CPU pipeline with W threads (ROI decode of the random
+      crop), run by PY, the Python of a venv that has DALI (`benchmarks/jpeg_dali.py`)
 
 Candidates run in alternating windows (`--rounds` each), the machine let go quiet before each,
 so that a noisy neighbour slows all of them alike. Before that, on one core: what each decoder
@@ -18,11 +20,14 @@ costs per image on these files, and what share of a worker's time per image is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,9 +259,40 @@ def _dataloader(paths: list[Path], *, workers: int, batch: int, prefetch: int) -
                       persistent_workers=True, prefetch_factor=max(1, prefetch // workers))
 
 
+@contextlib.contextmanager
+def _dali_window(python: str, folder: Path, *, batch: int, threads: int) -> Iterator[Window]:
+    """(c): a window over DALI's CPU pipeline, which runs in a process of `python` (another venv)."""
+    script = Path(__file__).with_name("jpeg_dali.py")
+    proc = subprocess.Popen([python, str(script), "--folder", str(folder), "--batch", str(batch),
+                             "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    try:
+        if stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the DALI pipeline did not start under {python} (exit status {proc.wait(60)})")
+
+        def window(seconds: float) -> tuple[float, float]:
+            stdin.write(f"run {seconds} 2\n")  # 2: DALI's default prefetch queue depth
+            stdin.flush()
+            n, elapsed = stdout.readline().split()
+            return float(n), float(elapsed)
+
+        yield window
+    finally:
+        with contextlib.suppress(OSError):
+            stdin.write("\n")
+            stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def end_to_end(folder: Path, paths: list[Path], *, workers: int, batch: int, seconds: float, rounds: int,
-               size: DecodeSize | None, layouts: tuple[str, ...]) -> dict[str, Any]:
-    """Images/s into the loop of (a) and of (b) per layout, full-size and at the declared size."""
+               size: DecodeSize | None, layouts: tuple[str, ...], dali_python: str | None = None) -> dict[str, Any]:
+    """Images/s into the loop of (a), of (b) per layout, full-size and at the declared size, and of
+    (c) when `dali_python` is given."""
     import torch
 
     from trainer_client.client import AugmentClient
@@ -275,8 +311,10 @@ def end_to_end(folder: Path, paths: list[Path], *, workers: int, batch: int, sec
     torch.set_num_threads(1)
     loader = _dataloader(paths, workers=workers, batch=batch, prefetch=prefetch)
     started = time.perf_counter()
-    with EmbeddedServer(datasets=datasets, workers=workers, extra_args=extra, start_timeout=600) as server, \
-            AugmentClient(server.target) as client:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(EmbeddedServer(datasets=datasets, workers=workers, extra_args=extra,
+                                                    start_timeout=600))
+        client = stack.enter_context(AugmentClient(server.target))
         load_s = time.perf_counter() - started
         infos = {d.name: d for d in client.list_datasets()}
         windows: dict[str, Window] = {"dataloader": _batch_window(_forever(lambda _: loader), lambda _: None,
@@ -291,6 +329,8 @@ def end_to_end(folder: Path, paths: list[Path], *, workers: int, batch: int, sec
 
             gens.append(_forever(epoch_of))
             windows[name] = _batch_window(gens[-1], lambda _: None, skip=prefetch)
+        if dali_python:
+            windows["dali"] = stack.enter_context(_dali_window(dali_python, folder, batch=batch, threads=workers))
         for window in windows.values():
             window(min(2.0, seconds / rounds))  # warm-up: workers started, page cache filled
         rates = interleaved_rates(windows, seconds=seconds, rounds=rounds, settle=True)
@@ -316,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", help="use (or make) the JPEG folder here instead of a temporary one")
     parser.add_argument("--facts-only", action="store_true", help="the folder's facts (sizes, decoders' bytes), "
                         "no timing windows")
+    parser.add_argument("--dali-python", help="(c): the Python of a venv with NVIDIA DALI "
+                        "(pip install nvidia-dali-cuda120), which runs DALI's CPU pipeline beside the others")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     size = None if args.decode_size == "none" else DecodeSize.parse(args.decode_size)
@@ -349,14 +391,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"{share['augment']:.3f} (decode share {100 * share['decode_share']:.0f}%); (a) Pillow + "
                       f"albumentations {share['dataloader_item']:.3f}: (a) / worker {share['one_core_ratio']:.2f}x")
         e2e = end_to_end(folder, paths, workers=args.workers, batch=args.batch, seconds=args.seconds,
-                         rounds=args.rounds, size=size, layouts=tuple(args.layouts))
+                         rounds=args.rounds, size=size, layouts=tuple(args.layouts), dali_python=args.dali_python)
         result.update(e2e)
     print(f"end to end, images/s into the loop, W={args.workers}, batch {args.batch} "
           f"(augsvc server ready in {e2e['server_start_s']:.1f}s)")
     for name, rate in e2e["rates"].items():
-        what = "(a) DataLoader + Pillow + albumentations" if name == "dataloader" else \
-            f"(b) augsvc, layout {e2e['layouts'][name]}, " + ("full-size decode" if name.endswith("full")
-                                                              else f"decode size {size}")
+        if name in ("dataloader", "dali"):
+            what = ("(a) DataLoader + Pillow + albumentations" if name == "dataloader" else
+                    f"(c) NVIDIA DALI, CPU pipeline, {args.workers} threads")
+        else:
+            what = f"(b) augsvc, layout {e2e['layouts'][name]}, " + ("full-size decode" if name.endswith("full")
+                                                                     else f"decode size {size}")
         print(f"  {what:<60} {rate:>7.0f}  {e2e['vs_dataloader'][name]:.2f}x")
     write_json(args.json, {"benchmark": "jpeg", **result})
     return 0
