@@ -487,3 +487,23 @@ def test_workers_give_every_layout_the_same_bytes_at_rgba_warp_sizes(tmp_path: P
     want = augment_batch(pixels, big, seed=3, epoch=2, sample_ids=[5, 1, 0, 2, 4, 3])
     for layout in LAYOUTS:
         np.testing.assert_array_equal(outputs[layout], want, err_msg=layout)
+
+
+@pytest.mark.parametrize("layout", ["encoded", "files"])
+def test_gather_without_copy_of_gray_files_of_mixed_sizes(tmp_path: Path, layout: str) -> None:
+    # A dataset whose every image is gray decodes to one channel: its images share the reader's
+    # buffer as (H, W, 1), with no RGBX padding.
+    (tmp_path / "a").mkdir()
+    for i, (h, w) in enumerate([(20, 30), (33, 17), (40, 41)]):
+        (tmp_path / "a" / f"{i}.jpg").write_bytes(jpeg(cv2.cvtColor(photo(h, w, i), cv2.COLOR_RGB2GRAY)))
+    with load_dataset("g", str(tmp_path), layout=layout) as ds:
+        reader = attach(ds.handle())
+        try:
+            want = [im.copy() for im in reader.gather([2, 0, 1])]
+            got = reader.gather([2, 0, 1], copy=False)
+            assert ds.channels == 1 and [im.shape for im in got] == [(40, 41, 1), (20, 30, 1), (33, 17, 1)]
+            assert all(im.flags.c_contiguous for im in got) and len({id(im.base) for im in got}) == 1  # one buffer
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
+        finally:
+            reader.close()
