@@ -61,9 +61,9 @@ _HUE_TABLES = _hue_tables()
 
 
 def _shift_hue(hsv: np.ndarray, k: int, plane: np.ndarray) -> None:
-    """Shift the hue channel of an (H, W, 3) HSV image in place by `k` (mod 180): the channel goes
-    through `plane` (an (H, W) buffer) and one 1-channel LUT, for 0 <= k < 180, exact, and ~2x faster than numpy's
-    strided passes or a 3-channel LUT on the whole image."""
+    """Shift the hue channel of an (H, W, 3) HSV image in place by `k` (0 <= k < 180, mod 180): the
+    channel goes through `plane` (an (H, W) buffer) and one 1-channel LUT — exact, and about twice
+    as fast as numpy's strided passes or a 3-channel LUT on the whole image."""
     if k == 0:
         return
     cv2.extractChannel(hsv, 0, plane)
