@@ -22,7 +22,7 @@ def no_segments_left_behind() -> Iterator[None]:
 
 def pytest_sessionfinish() -> None:
     """Collect cyclic garbage while the interpreter is whole. A core dump of a session that
-    aborted at exit ("terminate called without an active exception", 2 of ~14 full runs on
+    aborted at exit ("terminate called without an active exception", 4 of 21 full runs on
     2026-11-26) showed a daemon thread whose allocation started a garbage collection during
     finalization: freeing a tensor there released the GIL, the thread was ended on taking it back
     (pthread_exit), and the unwind through torch's C++ destructor terminated the process."""
