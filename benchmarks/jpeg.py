@@ -174,57 +174,53 @@ def pillow_rgb(path: str | io.BytesIO) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def worker_share(paths: list[Path], *, seconds: float, batch: int, size: DecodeSize | None) -> dict[str, float]:
-    """Milliseconds per image on one core, measured interleaved: a worker's two parts — decoding
-    a file (augsvc's decoder, at the declared size if any, into a reused buffer as RGBX, as a
-    worker's dataset reader does) and augmenting the decoded image with TRAIN_SPEC (the fused
-    engine, batches of `batch`) — and what (a) does per image (Pillow decode and the
-    albumentations Compose)."""
+def worker_share(folder: Path, *, seconds: float, batch: int, size: DecodeSize | None) -> dict[str, float]:
+    """Milliseconds per image on one core, measured interleaved: a worker's two parts — reading
+    a batch of the folder's files (a worker's dataset reader of the encoded layout, at the
+    declared size if any: `DatasetReader.gather(copy=False)`, RGBX into its reused buffer) and
+    augmenting those images with TRAIN_SPEC (the fused engine) — and what (a) does per image
+    (Pillow decode and the albumentations Compose)."""
     import cv2
 
-    from augsvc.datasets.decode import dct_scale, decode, probe, scaled
+    from augsvc.datasets import attach, load_dataset
     from augsvc.engine import augment_batch
 
     cv2.setNumThreads(0)
-    blobs = [p.read_bytes() for p in paths[:batch * 4]]
-    headers = [probe(b) for b in blobs]
-    shapes = [scaled(h.height, h.width, dct_scale(h.height, h.width, size)) for h in headers]
-    ends = np.cumsum([hh * ww * 4 for hh, ww in shapes])
-    buffer = np.empty(int(ends[-1]), np.uint8)  # every image's RGBX, as a worker's reader holds a batch
-
-    def into(i: int) -> np.ndarray:
-        start = int(ends[i - 1]) if i else 0
-        return buffer[start:int(ends[i])].reshape(*shapes[i], 4)
-
-    images = [decode(b, h, 3, dct_scale(h.height, h.width, size), into(i))
-              for i, (b, h) in enumerate(zip(blobs, headers, strict=True))]
+    batches = [np.arange(k * batch, (k + 1) * batch) for k in range(4)]
     out = np.empty((batch, 224, 224, 3), np.uint8)
     compose = albumentations_compose()
     state = {"k": 0}
+    with load_dataset("bench", str(folder), layout="encoded", decode_size=size) as ds:
+        readers = [attach(ds.handle()) for _ in range(5)]  # 4 holding a batch each, 1 that decodes
+        images: list[Any] = []  # views of the readers' buffers: dropped before the readers close
+        try:
+            images.extend(readers[k].gather(ids, copy=False) for k, ids in enumerate(batches))
+            blobs = [Path(readers[4].path(int(i))).read_bytes() for ids in batches for i in ids]
 
-    def decode_batch() -> int:
-        k = state["k"] % 4
-        for i in range(k * batch, (k + 1) * batch):
-            decode(blobs[i], headers[i], 3, dct_scale(headers[i].height, headers[i].width, size), into(i))
-        state["k"] += 1
-        return batch
+            def decode_batch() -> int:
+                readers[4].gather(batches[state["k"] % 4], copy=False)
+                state["k"] += 1
+                return batch
 
-    def augment() -> int:
-        k = state["k"] % 4
-        augment_batch(images[k * batch:(k + 1) * batch], TRAIN_SPEC, seed=0, epoch=state["k"],
-                      sample_ids=np.arange(k * batch, (k + 1) * batch), out=out)
-        state["k"] += 1
-        return batch
+            def augment() -> int:
+                k = state["k"] % 4
+                augment_batch(images[k], TRAIN_SPEC, seed=0, epoch=state["k"], sample_ids=batches[k], out=out)
+                state["k"] += 1
+                return batch
 
-    def dataloader_items() -> int:
-        k = state["k"] % 4
-        for b in blobs[k * batch:(k + 1) * batch]:
-            compose(image=pillow_rgb(io.BytesIO(b)))
-        state["k"] += 1
-        return batch
+            def dataloader_items() -> int:
+                k = state["k"] % 4
+                for b in blobs[k * batch:(k + 1) * batch]:
+                    compose(image=pillow_rgb(io.BytesIO(b)))
+                state["k"] += 1
+                return batch
 
-    rates = compare_rates({"decode": decode_batch, "augment": augment, "dataloader_item": dataloader_items},
-                          seconds=seconds, rounds=5)
+            rates = compare_rates({"decode": decode_batch, "augment": augment, "dataloader_item": dataloader_items},
+                                  seconds=seconds, rounds=5)
+        finally:
+            images.clear()
+            for reader in readers:
+                reader.close()
     ms = {name: 1e3 / rate for name, rate in rates.items()}
     return {**ms, "decode_share": ms["decode"] / (ms["decode"] + ms["augment"]),
             "one_core_ratio": ms["dataloader_item"] / (ms["decode"] + ms["augment"])}
@@ -385,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             result["decoders_ms"] = decoder_costs(paths, seconds=args.seconds / 2, size=size)
             print("one core, ms per image: " + ", ".join(f"{k} {v:.3f}" for k, v in result["decoders_ms"].items()))
             for label, s in [("full size", None), (f"decode size {size}", size)] if size else [("full size", None)]:
-                share = worker_share(paths, seconds=args.seconds / 2, batch=args.batch, size=s)
+                share = worker_share(folder, seconds=args.seconds / 2, batch=args.batch, size=s)
                 result[f"worker_{'sized' if s else 'full'}"] = share
                 print(f"one core, ms per image at {label}: augsvc worker: decode {share['decode']:.3f} + augment "
                       f"{share['augment']:.3f} (decode share {100 * share['decode_share']:.0f}%); (a) Pillow + "
