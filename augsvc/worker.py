@@ -109,6 +109,22 @@ def remote_error(class_name: str, message: str) -> Exception:
     return RuntimeError(message)
 
 
+def read_for_augmentation(reader: Any, sample_ids: Any, spec: Any, *, seed: int, epoch: int, strength: Any = None,
+                          backend: str = "fused") -> Any:
+    """A dataset batch as a worker reads it for `augment_batch` with these arguments: views valid
+    until the reader's next gather (`DatasetReader.gather(copy=False)`); a JPEG of the encoded or
+    files layout decoded only in the rectangle the augmentation reads (`engine.source_boxes`),
+    which gives the same output bytes as the whole image."""
+    from .engine import source_boxes
+
+    boxes = None
+    sizes = reader.region_sizes(sample_ids)
+    if sizes is not None:
+        boxes = source_boxes(spec, seed=seed, epoch=epoch, sample_ids=sample_ids, heights=sizes[0], widths=sizes[1],
+                             strength=strength, backend=backend)
+    return reader.gather(sample_ids, copy=False, boxes=boxes)
+
+
 class _Worker:
     def __init__(self, config: WorkerConfig) -> None:
         from .datasets import attach
@@ -128,7 +144,9 @@ class _Worker:
     def images(self, job: Job) -> Any:
         """The job's input images: read from the dataset, or from the input slot."""
         if isinstance(job, DatasetBatch):
-            return self.datasets[job.dataset].gather(job.sample_ids, copy=False)  # used before the next job
+            aug = job.augmentation
+            return read_for_augmentation(self.datasets[job.dataset], job.sample_ids, aug.validated_spec, seed=aug.seed,
+                                         epoch=aug.epoch, strength=job.strength, backend=aug.backend)
         if job.shape is not None:
             return np.ndarray(job.shape, np.uint8, buffer=self.in_shm.buf)
         from .datasets import decode_images

@@ -177,13 +177,15 @@ def pillow_rgb(path: str | io.BytesIO) -> np.ndarray:
 def worker_share(folder: Path, *, seconds: float, batch: int, size: DecodeSize | None) -> dict[str, float]:
     """Milliseconds per image on one core, measured interleaved: a worker's two parts — reading
     a batch of the folder's files (a worker's dataset reader of the encoded layout, at the
-    declared size if any: `DatasetReader.gather(copy=False)`, RGBX into its reused buffer) and
+    declared size if any, as `augsvc.worker.read_for_augmentation` does: each random crop's
+    region of the JPEG, RGBX into the reader's reused buffer; `decode_whole`: whole images) and
     augmenting those images with TRAIN_SPEC (the fused engine) — and what (a) does per image
     (Pillow decode and the albumentations Compose)."""
     import cv2
 
     from augsvc.datasets import attach, load_dataset
     from augsvc.engine import augment_batch
+    from augsvc.worker import read_for_augmentation
 
     cv2.setNumThreads(0)
     batches = [np.arange(k * batch, (k + 1) * batch) for k in range(4)]
@@ -197,7 +199,12 @@ def worker_share(folder: Path, *, seconds: float, batch: int, size: DecodeSize |
             images.extend(readers[k].gather(ids, copy=False) for k, ids in enumerate(batches))
             blobs = [Path(readers[4].path(int(i))).read_bytes() for ids in batches for i in ids]
 
-            def decode_batch() -> int:
+            def decode_batch() -> int:  # what a worker reads: the random crops' regions (`decode_region`)
+                read_for_augmentation(readers[4], batches[state["k"] % 4], TRAIN_SPEC, seed=0, epoch=state["k"])
+                state["k"] += 1
+                return batch
+
+            def decode_whole() -> int:
                 readers[4].gather(batches[state["k"] % 4], copy=False)
                 state["k"] += 1
                 return batch
@@ -215,7 +222,8 @@ def worker_share(folder: Path, *, seconds: float, batch: int, size: DecodeSize |
                 state["k"] += 1
                 return batch
 
-            rates = compare_rates({"decode": decode_batch, "augment": augment, "dataloader_item": dataloader_items},
+            rates = compare_rates({"decode": decode_batch, "decode_whole": decode_whole, "augment": augment,
+                                   "dataloader_item": dataloader_items},
                                   seconds=seconds, rounds=5)
         finally:
             images.clear()
@@ -383,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, s in [("full size", None), (f"decode size {size}", size)] if size else [("full size", None)]:
                 share = worker_share(folder, seconds=args.seconds / 2, batch=args.batch, size=s)
                 result[f"worker_{'sized' if s else 'full'}"] = share
-                print(f"one core, ms per image at {label}: augsvc worker: decode {share['decode']:.3f} + augment "
+                print(f"one core, ms per image at {label}: augsvc worker: decode {share['decode']:.3f} (whole images "
+                      f"{share['decode_whole']:.3f}) + augment "
                       f"{share['augment']:.3f} (decode share {100 * share['decode_share']:.0f}%); (a) Pillow + "
                       f"albumentations {share['dataloader_item']:.3f}: (a) / worker {share['one_core_ratio']:.2f}x")
         e2e = end_to_end(folder, paths, workers=args.workers, batch=args.batch, seconds=args.seconds,

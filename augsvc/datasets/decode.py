@@ -17,11 +17,20 @@ A declared decode size (`DecodeSize`) makes a JPEG decode at the smallest DCT sc
 1/8) whose result still reaches it (`dct_scale`): a function of the file's size and the
 dataset's setting only, so every layout decodes, and caches, the same pixels. PNG has no such
 scale and decodes whole.
+
+A worker that knows which part of an image its augmentation reads (a random crop's rectangle:
+`augsvc.engine.source_boxes`) decodes only that part when it can (`decode_region`):
+libjpeg-turbo's partial decompression, through the optional compiled module
+`augsvc.datasets._jpegregion` (built against the system's libjpeg-turbo). The rectangle's pixels
+are the bytes a full decode gives — tested on every kind of file and crop — so whether a server
+has the module changes its speed, never its pixels.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +43,21 @@ import simplejpeg
 from ..errors import InvalidInputError, LimitExceededError
 from ..validation import Limits
 
-__all__ = ["DCT_SCALES", "JPEG_DECODER", "DecodeFailed", "DecodeSize", "Header", "TooManyPixels", "dct_scale", "decode",
-           "decode_images", "probe"]
+_jpegregion: Any
+try:
+    from . import _jpegregion
+except ImportError:  # not built here (no compiler or libjpeg headers): images decode whole
+    _jpegregion = None
+
+__all__ = ["DCT_SCALES", "JPEG_DECODER", "REGION_DECODER", "DecodeFailed", "DecodeSize", "Header", "TooManyPixels",
+           "dct_scale", "decode", "decode_images", "decode_region", "probe"]
+
+log = logging.getLogger(__name__)
 
 #: What decodes JPEG on this server (its exact version is pinned; reported by GetServerInfo).
 JPEG_DECODER = f"simplejpeg {version('simplejpeg')}"
+#: What decodes a JPEG's region (`decode_region`), or None where the module is not built.
+REGION_DECODER: str | None = None if _jpegregion is None else _jpegregion.library_version()
 #: The DCT scales libjpeg-turbo decodes fast, largest reduction first.
 DCT_SCALES = (8, 4, 2)
 JPEG, PNG = 1, 2
@@ -165,6 +184,60 @@ def decode(data: bytes | memoryview, header: Header, channels: int, scale: int =
     target = out[:, :, :3] if rgbx else out
     target[...] = pixels
     return target
+
+
+def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.ndarray,
+                  box: tuple[int, int, int, int]) -> bool:
+    """Decode only the rectangle `box` = (x0, y0, x1, y1) of a JPEG, at 1/`scale`, into `out`: the
+    C-contiguous (H, W, depth) array a full `decode(..., out=out)` would fill (depth 4 for RGBX,
+    3, or 1 for gray). Inside the rectangle the bytes are those of a full decode; outside it, `out`
+    holds anything. False, with nothing decoded, when this path does not take the image (a PNG, a
+    progressive or CMYK JPEG, data without an end marker such as a truncated file's, or no
+    `_jpegregion` here): decode it whole. DecodeFailed for data libjpeg-turbo refuses."""
+    if (_jpegregion is None or header.format != JPEG or not out.flags.c_contiguous or not out.flags.writeable
+            or not _region_decoder_agrees()):
+        return False
+    h, w, depth = out.shape
+    x0, y0, x1, y1 = box
+    try:
+        return bool(_jpegregion.decode_region(data, out, h, w, depth, scale, x0, y0, x1, y1))
+    except ValueError as exc:
+        raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+
+
+@functools.cache
+def _region_decoder_agrees() -> bool:
+    """Whether `_jpegregion` (built against the system's libjpeg-turbo) gives the bytes of the
+    pinned decoder here, checked once per process on small JPEGs of every chroma subsampling made
+    with OpenCV: where it does not (another libjpeg-turbo, another build), regions are not used
+    and images decode whole — slower, never different."""
+    import cv2
+
+    y, x = np.mgrid[0:45, 0:61]
+    image = np.stack([(x * 4 + y) % 256, (y * 5 + 3 * x) % 256, (x * y) % 256], axis=2).astype(np.uint8)
+    factors = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+               cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440]
+    boxes = [(0, 0, 61, 45), (17, 9, 40, 30), (1, 20, 2, 45), (33, 0, 61, 17)]
+    for factor in factors:
+        params = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor]
+        ok, encoded = cv2.imencode(".jpg", image, params)
+        data = encoded.tobytes()
+        header = probe(data)
+        for scale in (1, 2):
+            full = decode(data, header, 3, scale)
+            h, w = full.shape[:2]
+            for x0, y0, x1, y1 in boxes:
+                x0, y0, x1, y1 = min(x0, w - 1), min(y0, h - 1), min(x1, w), min(y1, h)
+                out = np.zeros((h, w, 4), np.uint8)
+                try:
+                    taken = _jpegregion.decode_region(data, out, h, w, 4, scale, x0, y0, x1, y1)
+                except ValueError:
+                    taken = False
+                if not (ok and taken and np.array_equal(out[y0:y1, x0:x1, :3], full[y0:y1, x0:x1])):
+                    log.warning("JPEG region decoding is off: %s does not give %s's bytes here",
+                                REGION_DECODER, JPEG_DECODER)
+                    return False
+    return True
 
 
 def _png_pixels(data: bytes | memoryview, channels: int) -> np.ndarray:

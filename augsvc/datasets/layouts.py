@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import BadSampleError
 from ..shm import attach_segment, create_segment, release_segment
-from .decode import DecodeFailed, Header, decode, probe
+from .decode import REGION_DECODER, DecodeFailed, Header, decode, decode_region, probe
 from .scan import read_file
 from .sources import path_at
 
@@ -102,6 +102,7 @@ class DatasetReader:
         self._shm: SharedMemory | None = attach_segment(handle.segment)
         self._a = _views(self._shm, handle.fields)
         self._buffer: np.ndarray | None = None
+        self.region_decodes = 0
 
     @property
     def num_samples(self) -> int:
@@ -120,7 +121,17 @@ class DatasetReader:
         hw = self._a["decoded_hw"][ids].astype(np.int64)
         return int((hw[:, 0] * hw[:, 1]).sum()) * self.handle.channels
 
-    def gather(self, sample_ids: Any, *, copy: bool = True) -> np.ndarray | list[np.ndarray]:
+    def region_sizes(self, sample_ids: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """The decoded (heights, widths) of the samples when `gather` may decode only parts of
+        them (encoded or files layout, `decode_region` built here); None when it decodes whole
+        images or reads them decoded."""
+        if self.handle.layout not in ("encoded", "files") or REGION_DECODER is None:
+            return None
+        hw = self._a["decoded_hw"][np.asarray(sample_ids, np.int64)]
+        return hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
+
+    def gather(self, sample_ids: Any, *, copy: bool = True, boxes: np.ndarray | None = None
+               ) -> np.ndarray | list[np.ndarray]:
         """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
         otherwise a list of (H, W, C) arrays. A sample that does not decode raises BadSampleError,
         which names the sample id, not the path. The ids are indices checked when the job was
@@ -129,7 +140,12 @@ class DatasetReader:
         copy=False (a worker's case): read-only images valid only until the next `gather` or
         `close()`. The decoded layout's mixed-size images are views of the shared pixels (no
         copy); the other layouts decode into one buffer this reader keeps (`_scratch`), RGB
-        images as views of RGBX pixels, which the fused engine warps as they are (`decode`)."""
+        images as views of RGBX pixels, which the fused engine warps as they are (`decode`).
+
+        boxes (with copy=False): (N, 4) rectangles x0, y0, x1, y1 of the decoded images, the only
+        pixels the caller will read (`augsvc.engine.source_boxes`): a JPEG of the encoded or
+        files layout then decodes just that part where it can (`decode_region`); the rest of its
+        image holds anything. `region_decodes` counts the images decoded so."""
         ids = np.asarray(sample_ids, np.int64)
         a, shape = self._a, self.handle.image_shape
         if "bad" in a and ids.size and a["bad"][ids].any():
@@ -145,7 +161,7 @@ class DatasetReader:
             count = len(ids) * shape[0] * shape[1] * shape[2]
             out = (self._scratch(count) if reuse else np.empty(count, np.uint8)).reshape(len(ids), *shape)
             for k, i in enumerate(ids):
-                self._decode(int(i), out[k])
+                self._decode(int(i), out[k], None if boxes is None else boxes[k])
             if reuse:
                 out.flags.writeable = False
             return out
@@ -159,7 +175,8 @@ class DatasetReader:
         images = []
         for k, i in enumerate(ids):
             (h, w), start = hw[k], int(ends[k - 1]) if k else 0
-            image = self._decode(int(i), flat[start:int(ends[k])].reshape(int(h), int(w), depth))
+            image = self._decode(int(i), flat[start:int(ends[k])].reshape(int(h), int(w), depth),
+                                 None if boxes is None else boxes[k])
             image.flags.writeable = False
             images.append(image)
         return images
@@ -187,8 +204,9 @@ class DatasetReader:
         view.flags.writeable = False  # the engine never writes into its input
         return view
 
-    def _decode(self, i: int, out: np.ndarray | None) -> np.ndarray:
-        """Sample i of the encoded or files layout, decoded (into `out`, as `decode` takes it)."""
+    def _decode(self, i: int, out: np.ndarray | None, box: np.ndarray | None = None) -> np.ndarray:
+        """Sample i of the encoded or files layout, decoded (into `out`, as `decode` takes it;
+        only the rectangle `box` of it where `decode_region` can)."""
         a, c = self._a, self.handle.channels
         header = Header(int(a["formats"][i]), int(a["header_hw"][i, 0]), int(a["header_hw"][i, 1]), False)
         try:
@@ -200,7 +218,12 @@ class DatasetReader:
                 if (now.format, now.height, now.width) != (header.format, header.height, header.width):
                     raise DecodeFailed(f"the file changed since the dataset was loaded ({now.width}x{now.height}, "
                                        f"it was {header.width}x{header.height})")
-            return decode(data, header, c, int(a["scales"][i]), out)
+            scale = int(a["scales"][i])
+            if box is not None and out is not None and decode_region(
+                    data, header, scale, out, (int(box[0]), int(box[1]), int(box[2]), int(box[3]))):
+                self.region_decodes += 1
+                return out[:, :, :3] if out.shape[2] == 4 else out
+            return decode(data, header, c, scale, out)
         except DecodeFailed as exc:
             raise self._bad(i, str(exc)) from None
         except OSError as exc:

@@ -24,11 +24,11 @@ from ..validation import (
     sample_keys,
     sample_strength,
 )
-from .fused import run_fused
+from .fused import read_boxes, run_fused
 from .images import Images
 from .reference import run_reference
 
-__all__ = ["augment_batch", "check_images", "BACKENDS", "DEFAULT_MAX_SIDE"]
+__all__ = ["augment_batch", "check_images", "source_boxes", "BACKENDS", "DEFAULT_MAX_SIDE"]
 
 BACKENDS: dict[str, Callable[[Images, list[Draw[Any]], Spec, np.ndarray | None], Images]] = {
     "fused": run_fused,
@@ -128,3 +128,21 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     if result is images or (isinstance(images, np.ndarray) and np.shares_memory(result, images)):
         result = result.copy()
     return result
+
+
+def source_boxes(spec: Any, *, seed: int, epoch: int, sample_ids: Any, heights: np.ndarray, widths: np.ndarray,
+                 strength: Any = None, backend: str = "fused") -> np.ndarray | None:
+    """The part of each input image that `augment_batch` with these arguments reads, before any
+    pixel is there: (N, 4) int64 rows x0, y0, x1, y1 (a rectangle of the image of heights[i] x
+    widths[i]), or None when it reads whole images (the reference backend; a spec that does not
+    start with a geometric step). A worker decodes only these rectangles of its JPEGs; the
+    output is the same bytes as from whole images (`engine.fused.read_boxes`)."""
+    spec = load_spec(spec)
+    if backend != "fused":
+        return None
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    ids = sample_keys(sample_ids, count=len(heights))
+    per_sample = None if strength is None else sample_strength(strength, len(heights))
+    draws = draw_steps(spec, seed=check_counter(seed, "seed"), epoch=check_counter(epoch, "epoch"), sample_ids=ids,
+                       heights=heights, widths=widths, strength=per_sample)
+    return read_boxes(draws, spec, heights, widths)

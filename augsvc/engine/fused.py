@@ -139,6 +139,53 @@ def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | Non
     return [_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch) for i in range(n)]
 
 
+def read_boxes(draws: list[Draw[Any]], spec: Spec, heights: np.ndarray, widths: np.ndarray) -> np.ndarray | None:
+    """(N, 4) int64 rows x0, y0, x1, y1: the rectangle of each input image that `run_fused` reads
+    when it applies `draws`; None when it reads whole images. Pixels outside it never reach the
+    output, so a decoder may leave them undecoded (`augsvc.datasets.decode_region`).
+
+    Only a spec that starts with geometric steps reads less than the whole image (a color step
+    first would read every pixel). The first warp's output corners map back to a box in the
+    source; the bilinear warp reads the pixel at the floor of each coordinate and the next one,
+    so the box grows by 2 pixels each way (floating-point slack included). Where it leaves the
+    image, the border mode says what is read instead: nothing (constant), the edge (replicate,
+    inside the clamped box) or a mirror image (reflect_101: the box takes in the mirrored part)."""
+    if not draws or not isinstance(draws[0].transform, GeometricTransform):
+        return None
+    end = _warp_run_end(draws, 0)
+    m = _run_matrices(draws[:end])
+    oh, ow = (a.astype(np.float64) for a in draws[end - 1].out_size)
+    try:
+        inverse = np.linalg.inv(m)
+    except np.linalg.LinAlgError:
+        return None
+    corners = np.stack([np.zeros_like(ow), ow - 1, np.zeros_like(ow), ow - 1], axis=1), \
+        np.stack([np.zeros_like(oh), np.zeros_like(oh), oh - 1, oh - 1], axis=1)
+    xs = inverse[:, 0, 0, None] * corners[0] + inverse[:, 0, 1, None] * corners[1] + inverse[:, 0, 2, None]
+    ys = inverse[:, 1, 0, None] * corners[0] + inverse[:, 1, 1, None] * corners[1] + inverse[:, 1, 2, None]
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        return None
+    h, w = heights.astype(np.int64), widths.astype(np.int64)
+    x0, x1 = _axis_reads(np.floor(xs.min(axis=1)), np.floor(xs.max(axis=1)), w, spec.border)
+    y0, y1 = _axis_reads(np.floor(ys.min(axis=1)), np.floor(ys.max(axis=1)), h, spec.border)
+    return np.stack([x0, y0, x1, y1], axis=1)
+
+
+def _axis_reads(low: np.ndarray, high: np.ndarray, size: np.ndarray, border: str) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) of the pixels along one axis a bilinear warp reads for coordinates whose
+    floors span [low, high], in an image of `size` pixels with this border mode."""
+    big = np.float64(2.0**40)
+    start = np.clip(low - 2, -big, big).astype(np.int64)
+    stop = np.clip(high + 3, -big, big).astype(np.int64)
+    if border == "reflect_101":  # pixel -k reads k, pixel size-1+k reads size-1-k
+        mirrored_stop = np.where(start < 0, -start + 1, stop)
+        mirrored_start = np.where(stop > size, 2 * (size - 1) - (stop - 1), start)
+        start, stop = np.minimum(start, mirrored_start), np.maximum(stop, mirrored_stop)
+    start, stop = np.clip(start, 0, size), np.clip(stop, 0, size)
+    whole = stop <= start  # nothing inside the image is read (all border): any valid box will do
+    return np.where(whole, 0, start), np.where(whole, size, stop)
+
+
 def _warp_run_end(draws: list[Draw[Any]], i: int) -> int:
     """End of the run of geometric steps from i that one warp applies (see `Resampling`)."""
     kinds: set[Resampling] = set()

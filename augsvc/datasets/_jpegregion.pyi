@@ -1,0 +1,6 @@
+# The compiled module of _jpegregion.c (optional: built where the system's libjpeg-turbo headers are).
+from typing import Any
+
+def decode_region(data: Any, out: Any, height: int, width: int, depth: int, scale: int, x0: int, y0: int, x1: int,
+                  y1: int, /) -> bool: ...
+def library_version() -> str: ...

@@ -1,0 +1,228 @@
+"""Decoding only the part of a JPEG that a random crop reads: `engine.source_boxes` says which
+rectangle of each image the fused engine reads, `datasets.decode_region` decodes just it
+(libjpeg-turbo's partial decompression), and the output must be the bytes of whole images.
+Counts pixels and events, never time."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from augsvc import augment_batch
+from augsvc.datasets import attach, load_dataset
+from augsvc.datasets import decode as decode_module
+from augsvc.datasets.decode import REGION_DECODER, DecodeFailed, decode, decode_region, probe, scaled
+from augsvc.engine import source_boxes
+from augsvc.samples import sample_photo
+from augsvc.worker import read_for_augmentation
+
+needs_module = pytest.mark.skipif(REGION_DECODER is None, reason="augsvc.datasets._jpegregion is not built here")
+
+TRAIN = {"transforms": [{"random_resized_crop": {"height": 32, "width": 32}}, {"hflip": {"p": 0.5}},
+                        {"color": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05, "p": 0.8}}]}
+#: Specs whose first steps are geometric (the engine reads a part of each image), with every border.
+GEOMETRIC = [
+    TRAIN,
+    {"transforms": [{"random_resized_crop": {"height": 24, "width": 28}},
+                    {"rotate": {"limit_range": [-40, 40], "p": 1.0}}], "border": "reflect_101"},
+    {"transforms": [{"translate": {"x_range": [-0.4, 0.4], "y_range": [-0.3, 0.3], "p": 1.0}},
+                    {"random_resized_crop": {"height": 16, "width": 16}}], "border": "reflect_101"},
+    {"transforms": [{"translate": {"x_range": [-0.4, 0.4], "y_range": [-0.3, 0.3], "p": 1.0}},
+                    {"random_resized_crop": {"height": 16, "width": 16}}], "border": "constant", "fill": 7},
+    {"transforms": [{"scale": {"scale_range": [0.5, 1.6], "p": 1.0}}, {"vflip": {"p": 0.5}},
+                    {"center_crop": {"height": 20, "width": 20}}], "border": "replicate"},
+    {"transforms": [{"center_crop": {"height": 30, "width": 30}}, {"hflip": {"p": 1.0}}]},
+    {"transforms": [{"resize_shorter": {"side": 40}}, {"center_crop": {"height": 32, "width": 32}}]},
+    # reads whole images: the rotated output's corners map outside the image
+    {"transforms": [{"rotate": {"limit_range": [-40, 40], "p": 1.0}},
+                    {"random_resized_crop": {"height": 24, "width": 28}}], "border": "constant", "fill": 7},
+]
+READS_PART = 7  # GEOMETRIC[:READS_PART] leave pixels out
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    src = sample_photo()
+    rng = np.random.default_rng(seed)
+    y, x = int(rng.integers(0, 100)), int(rng.integers(0, 100))
+    return cv2.resize(src[y:y + 220, x:x + 220], (w, h), interpolation=cv2.INTER_AREA)
+
+
+def encode(image: np.ndarray, sampling: str, restart: int = 0) -> bytes:
+    """JPEG bytes with the given chroma subsampling ("gray" for a one-channel file)."""
+    factors = {"444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+               "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440,
+               "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411}
+    params = [cv2.IMWRITE_JPEG_QUALITY, 88, cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
+    if sampling == "gray":
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    else:
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factors[sampling]]
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".jpg", image, params)
+    assert ok
+    return bytes(data.tobytes())
+
+
+def boxes_of(h: int, w: int, rng: np.random.Generator, count: int) -> list[tuple[int, int, int, int]]:
+    """Random rectangles, plus the whole image, single pixels at the corners and thin strips."""
+    out = [(0, 0, w, h), (0, 0, 1, 1), (w - 1, h - 1, w, h), (w - 1, 0, w, h), (0, h - 1, w, h)]
+    for _ in range(count):
+        cw, ch = int(rng.integers(1, w + 1)), int(rng.integers(1, h + 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out.append((x, y, x + cw, y + ch))
+    return out
+
+
+@needs_module
+@pytest.mark.parametrize("sampling", ["444", "422", "420", "440", "411", "gray"])
+@pytest.mark.parametrize("restart", [0, 2])
+def test_a_region_has_the_bytes_of_the_full_decode(sampling: str, restart: int) -> None:
+    rng = np.random.default_rng(len(sampling) * 7 + restart)
+    compared = 0
+    for k, (h, w) in enumerate([(77, 101), (64, 48), (131, 90), (33, 250)]):
+        data = encode(photo(h, w, k), sampling, restart)
+        header = probe(data)
+        for scale in (1, 2, 4, 8):
+            sh, sw = scaled(h, w, scale)
+            for depth in (1, 3, 4):
+                full = decode(data, header, 1 if depth == 1 else 3, scale)
+                for x0, y0, x1, y1 in boxes_of(sh, sw, rng, 6):
+                    out = np.zeros((sh, sw, depth), np.uint8)
+                    assert decode_region(data, header, scale, out, (x0, y0, x1, y1))
+                    np.testing.assert_array_equal(out[y0:y1, x0:x1, :min(depth, 3)], full[y0:y1, x0:x1])
+                    compared += 1
+    assert compared > 500
+
+
+@needs_module
+def test_files_it_does_not_take_are_left_to_the_full_decode() -> None:
+    image = photo(60, 80, 3)
+    progressive, cmyk, png = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(image).save(progressive, format="JPEG", quality=90, progressive=True)
+    Image.fromarray(image).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    Image.fromarray(image).save(png, format="PNG")
+    truncated = encode(image, "420")[:-200]
+    for data in (progressive.getvalue(), cmyk.getvalue(), png.getvalue(), truncated):
+        header = probe(data)
+        out = np.full((60, 80, 4), 9, np.uint8)
+        assert not decode_region(data, header, 1, out, (10, 10, 50, 40))
+        assert (out == 9).all()  # nothing written: the caller decodes the whole image
+    with pytest.raises(DecodeFailed):  # ... and the full decode refuses the truncated file
+        decode(truncated, probe(truncated), 3)
+
+
+@needs_module
+def test_corrupt_data_in_the_region_is_refused() -> None:
+    data = bytearray(encode(photo(96, 96, 4), "420"))
+    scan = data.index(b"\xff\xda") + 20  # inside the entropy-coded data of the first rows
+    data[scan:scan + 40] = b"\xff\xd7" * 20  # restart markers where none belong: libjpeg-turbo warns
+    header = probe(bytes(data))
+    with pytest.raises(DecodeFailed):
+        decode(bytes(data), header, 3)
+    with pytest.raises(DecodeFailed):
+        decode_region(bytes(data), header, 1, np.zeros((96, 96, 4), np.uint8), (0, 0, 40, 40))
+
+
+@pytest.mark.parametrize("k", range(len(GEOMETRIC)))
+def test_pixels_outside_the_source_boxes_never_reach_the_output(k: int) -> None:
+    """What `source_boxes` leaves out may hold anything: the engine's output does not change."""
+    spec = GEOMETRIC[k]
+    rng = np.random.default_rng(0)
+    images = [photo(int(h), int(w), i) for i, (h, w) in enumerate(rng.integers(34, 120, (24, 2)))]
+    ids = np.arange(100, 124)
+    heights = np.array([im.shape[0] for im in images])
+    widths = np.array([im.shape[1] for im in images])
+    partial_seen = False
+    for epoch in range(3):
+        expected = augment_batch(images, spec, seed=5, epoch=epoch, sample_ids=ids)
+        boxes = source_boxes(spec, seed=5, epoch=epoch, sample_ids=ids, heights=heights, widths=widths)
+        assert boxes is not None and boxes.shape == (24, 4)
+        scrambled = []
+        for im, (x0, y0, x1, y1) in zip(images, boxes, strict=True):
+            assert 0 <= x0 < x1 <= im.shape[1] and 0 <= y0 < y1 <= im.shape[0]
+            partial_seen |= (x1 - x0) * (y1 - y0) < im.shape[0] * im.shape[1]
+            noise = rng.integers(0, 256, im.shape, np.uint8)
+            noise[y0:y1, x0:x1] = im[y0:y1, x0:x1]
+            scrambled.append(noise)
+        np.testing.assert_array_equal(augment_batch(scrambled, spec, seed=5, epoch=epoch, sample_ids=ids), expected)
+    assert partial_seen == (k < READS_PART)  # the test is about something: some boxes leave pixels out
+
+
+def test_specs_that_read_whole_images_have_no_boxes() -> None:
+    color_first = {"transforms": [{"color": {"brightness": 0.3}}, {"random_resized_crop": {"height": 8, "width": 8}}]}
+    sizes = {"heights": np.array([40, 50]), "widths": np.array([60, 30])}
+    assert source_boxes(color_first, seed=0, epoch=0, sample_ids=[0, 1], **sizes) is None
+    assert source_boxes(TRAIN, seed=0, epoch=0, sample_ids=[0, 1], backend="albumentations", **sizes) is None
+
+
+def _folder(root: Path) -> list[bytes]:
+    """Six photos (4:2:0 and 4:2:2 JPEGs of mixed sizes, one progressive) and a PNG, in two classes."""
+    blobs = []
+    sizes = [(70, 90), (120, 64), (64, 64), (99, 131), (80, 80), (150, 100), (72, 56)]
+    for i, (h, w) in enumerate(sizes):
+        image = photo(h, w, 10 + i)
+        path = root / ("a" if i % 2 else "b") / f"{i:02d}.{'png' if i == 6 else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i == 6:
+            Image.fromarray(image).save(path, format="PNG")
+        elif i == 5:
+            Image.fromarray(image).save(path, format="JPEG", quality=90, progressive=True)
+        else:
+            path.write_bytes(encode(image, "420" if i % 2 else "422"))
+        blobs.append(path.read_bytes())
+    return blobs
+
+
+@needs_module
+@pytest.mark.parametrize("layout", ["encoded", "files"])
+@pytest.mark.parametrize("size", [None, "shorter:32"])
+def test_a_worker_reads_regions_and_augments_to_the_decoded_layouts_bytes(tmp_path: Path, layout: str,
+                                                                          size: str | None) -> None:
+    _folder(tmp_path)
+    ids = np.array([6, 0, 5, 3, 1, 4, 2])
+    with load_dataset("d", str(tmp_path), layout="decoded", decode_size=size) as decoded, \
+            load_dataset("p", str(tmp_path), layout=layout, decode_size=size) as parted:
+        whole, part = attach(decoded.handle()), attach(parted.handle())
+        try:
+            for spec in GEOMETRIC[:3]:
+                for epoch in range(2):
+                    expected = augment_batch(whole.gather(ids), spec, seed=1, epoch=epoch, sample_ids=ids)
+                    images = read_for_augmentation(part, ids, spec, seed=1, epoch=epoch)
+                    got = augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids)
+                    np.testing.assert_array_equal(got, expected)
+                    del images
+            # every baseline JPEG went through the region path; the PNG and the progressive file did not
+            assert part.region_decodes == 3 * 2 * 5
+            assert whole.region_sizes(ids) is None  # the decoded layout has its pixels already
+        finally:
+            whole.close()
+            part.close()
+
+
+@needs_module
+def test_a_region_decoder_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    class OffByOne:
+        """A stand-in for a libjpeg-turbo whose bytes differ from the pinned decoder's."""
+
+        real = decode_module._jpegregion
+
+        @classmethod
+        def decode_region(cls, data: bytes, out: np.ndarray, *args: int) -> bool:
+            taken = bool(cls.real.decode_region(data, out, *args))
+            np.add(out, 1, out=out)
+            return taken
+
+    monkeypatch.setattr(decode_module, "_jpegregion", OffByOne)
+    decode_module._region_decoder_agrees.cache_clear()
+    try:
+        data = encode(photo(40, 40, 0), "420")
+        assert not decode_region(data, probe(data), 1, np.zeros((40, 40, 4), np.uint8), (0, 0, 40, 40))
+    finally:
+        monkeypatch.undo()
+        decode_module._region_decoder_agrees.cache_clear()
+    assert decode_region(data, probe(data), 1, np.zeros((40, 40, 4), np.uint8), (0, 0, 40, 40))
