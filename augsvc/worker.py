@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
@@ -110,11 +110,12 @@ def remote_error(class_name: str, message: str) -> Exception:
 
 
 def read_for_augmentation(reader: Any, sample_ids: Any, spec: Any, *, seed: int, epoch: int, strength: Any = None,
-                          backend: str = "fused") -> Any:
-    """A dataset batch as a worker reads it for `augment_batch` with these arguments: views valid
-    until the reader's next gather (`DatasetReader.gather(copy=False)`); a JPEG of the encoded or
-    files layout decoded only in the rectangle the augmentation reads (`engine.source_boxes`),
-    which gives the same output bytes as the whole image."""
+                          backend: str = "fused") -> tuple[Any, Callable[[int], None] | None]:
+    """A dataset batch as a worker reads it for `augment_batch` with these arguments: (images,
+    read), to pass to `augment_batch(..., read=read)`, which decodes each image just before it
+    warps it (`DatasetReader.gather_deferred`; views valid until the reader's next gather). A JPEG
+    of the encoded or files layout is decoded only in the rectangle the augmentation reads
+    (`engine.source_boxes`), which gives the same output bytes as the whole image."""
     from .engine import source_boxes
 
     boxes = None
@@ -122,7 +123,8 @@ def read_for_augmentation(reader: Any, sample_ids: Any, spec: Any, *, seed: int,
     if sizes is not None:
         boxes = source_boxes(spec, seed=seed, epoch=epoch, sample_ids=sample_ids, heights=sizes[0], widths=sizes[1],
                              strength=strength, backend=backend)
-    return reader.gather(sample_ids, copy=False, boxes=boxes)
+    images, read = reader.gather_deferred(sample_ids, boxes=boxes)
+    return images, read
 
 
 class _Worker:
@@ -141,14 +143,15 @@ class _Worker:
         seed, _, seconds = config.sleep_hook.partition(":")
         self.sleep_hook = (int(seed), float(seconds)) if config.sleep_hook else None
 
-    def images(self, job: Job) -> Any:
-        """The job's input images: read from the dataset, or from the input slot."""
+    def images(self, job: Job) -> tuple[Any, Callable[[int], None] | None]:
+        """The job's input images, and what decodes image i when a dataset's are not decoded yet
+        (`read_for_augmentation`): read from the dataset, or from the input slot."""
         if isinstance(job, DatasetBatch):
             aug = job.augmentation
             return read_for_augmentation(self.datasets[job.dataset], job.sample_ids, aug.validated_spec, seed=aug.seed,
                                          epoch=aug.epoch, strength=job.strength, backend=aug.backend)
         if job.shape is not None:
-            return np.ndarray(job.shape, np.uint8, buffer=self.in_shm.buf)
+            return np.ndarray(job.shape, np.uint8, buffer=self.in_shm.buf), None
         from .datasets import decode_images
 
         buf, blobs, pos = cast(memoryview, self.in_shm.buf), [], 0
@@ -156,7 +159,7 @@ class _Worker:
             blobs.append(buf[pos:pos + n])
             pos += n
         try:
-            return decode_images(blobs, limits=self.limits)
+            return decode_images(blobs, limits=self.limits), None
         finally:
             for b in blobs:
                 b.release()
@@ -201,14 +204,14 @@ class _Worker:
         if isinstance(job, DatasetBatch):  # what the samples take once read, before reading any
             self.limits.check_work_bytes("sample_ids", self.datasets[job.dataset].nbytes(job.sample_ids),
                                          "the batch's images once read are ")
-        images = self.images(job)
+        images, read = self.images(job)
         segment = job.out_segment if isinstance(job, DatasetBatch) else None
         target, written_to = self._out_view(images, spec, segment)
         strength = job.strength if isinstance(job, DatasetBatch) else None
         out = self.augment_batch(images, spec, seed=aug.seed, epoch=aug.epoch, sample_ids=job.sample_ids,
                                  backend=aug.backend, max_side=self.limits.max_image_side, out=target,
-                                 strength=strength, max_bytes=self.limits.max_batch_bytes)
-        del images
+                                 strength=strength, max_bytes=self.limits.max_batch_bytes, read=read)
+        del images, read
         if target is None:
             self._check_output(out.nbytes)
             np.ndarray(out.shape, np.uint8, buffer=self.out_shm.buf)[...] = out

@@ -192,10 +192,10 @@ def test_a_worker_reads_regions_and_augments_to_the_decoded_layouts_bytes(tmp_pa
             for spec in GEOMETRIC[:3]:
                 for epoch in range(2):
                     expected = augment_batch(whole.gather(ids), spec, seed=1, epoch=epoch, sample_ids=ids)
-                    images = read_for_augmentation(part, ids, spec, seed=1, epoch=epoch)
-                    got = augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids)
+                    images, read = read_for_augmentation(part, ids, spec, seed=1, epoch=epoch)
+                    got = augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)
                     np.testing.assert_array_equal(got, expected)
-                    del images
+                    del images, read
             # every baseline JPEG went through the region path; the PNG and the progressive file did not
             assert part.region_decodes == 3 * 2 * 5
             assert whole.region_sizes(ids) is None  # the decoded layout has its pixels already
@@ -226,3 +226,47 @@ def test_a_region_decoder_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyP
         monkeypatch.undo()
         decode_module._region_decoder_agrees.cache_clear()
     assert decode_region(data, probe(data), 1, np.zeros((40, 40, 4), np.uint8), (0, 0, 40, 40))
+
+
+@pytest.mark.parametrize("spec", [TRAIN, {"transforms": [{"color": {"contrast": 0.4, "p": 1.0}},
+                                                         {"random_resized_crop": {"height": 16, "width": 16}}]}],
+                         ids=["crop-first", "color-first"])
+@pytest.mark.parametrize("backend", ["fused", "albumentations"])
+@pytest.mark.parametrize("one_shape", [False, True])
+def test_deferred_images_are_read_once_each_before_their_pixels_are(spec: dict[str, object], backend: str,
+                                                                    one_shape: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`augment_batch(read=...)`: each image is filled once; the fused backend fills image i just
+    before it warps it (read, warp, read, warp, ...) when the spec starts with a geometric step,
+    everything first otherwise; the output is that of the filled images."""
+    from augsvc.engine import fused
+
+    rng = np.random.default_rng(3)
+    sizes = [(40, 40)] * 5 if one_shape else [(int(h), int(w)) for h, w in rng.integers(30, 70, (5, 2))]
+    sources = [photo(h, w, i) for i, (h, w) in enumerate(sizes)]
+    ids = np.arange(5)
+    expected = augment_batch(sources, spec, seed=2, epoch=1, sample_ids=ids, backend=backend)
+    images = [np.zeros_like(s) for s in sources]
+    events: list[str] = []
+
+    def read(i: int) -> None:
+        events.append(f"read {i}")
+        images[i][...] = sources[i]
+
+    real = fused._warp_one
+
+    def warp_one(*args: object, **kwargs: object) -> np.ndarray:
+        events.append("warp")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "_warp_one", warp_one)
+    got = augment_batch(images, spec, seed=2, epoch=1, sample_ids=ids, backend=backend, read=read)
+    np.testing.assert_array_equal(got, expected)
+    reads = [e for e in events if e != "warp"]
+    assert reads == [f"read {i}" for i in range(5)]
+    interleaved = backend == "fused" and spec is TRAIN and not one_shape
+    first_warp = events.index("warp") if "warp" in events else len(events)
+    if interleaved:
+        assert events[:10] == [x for i in range(5) for x in (f"read {i}", "warp")]
+    else:
+        assert first_warp >= 5  # every image was read before any warp

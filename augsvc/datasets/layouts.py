@@ -146,40 +146,74 @@ class DatasetReader:
         pixels the caller will read (`augsvc.engine.source_boxes`): a JPEG of the encoded or
         files layout then decodes just that part where it can (`decode_region`); the rest of its
         image holds anything. `region_decodes` counts the images decoded so."""
-        ids = np.asarray(sample_ids, np.int64)
+        if not copy:
+            images, read = self.gather_deferred(sample_ids, boxes=boxes)
+            if read is not None:
+                for k in range(len(images)):
+                    read(k)
+            return images
+        ids = self._checked(sample_ids)
         a, shape = self._a, self.handle.image_shape
-        if "bad" in a and ids.size and a["bad"][ids].any():
-            i = int(ids[np.flatnonzero(a["bad"][ids])[0]])
-            raise self._bad(i, "corrupt or truncated image data (found when the dataset was loaded)")
         if "pixels" in a and a["pixels"].ndim == 4:
             dense: np.ndarray = a["pixels"][ids]
             return dense
         if self.handle.layout == "decoded":
-            return [self._view(int(i), copy) for i in ids]
-        reuse = not copy
+            return [self._view(int(i), True) for i in ids]
+        if shape is not None:
+            out = np.empty((len(ids), *shape), np.uint8)
+            for k, i in enumerate(ids):
+                self._decode(int(i), out[k])
+            return out
+        return [self._decode(int(i), None) for i in ids]
+
+    def gather_deferred(self, sample_ids: Any, *, boxes: np.ndarray | None = None
+                        ) -> tuple[np.ndarray | list[np.ndarray], Callable[[int], None] | None]:
+        """`gather(copy=False)` with the decoding left to the caller: (images, read), where the
+        images have their final shapes and read(k) fills image k (at most once, before anything
+        reads its pixels; BadSampleError as in `gather`). A worker hands `read` to the engine,
+        which decodes each image just before it warps it, while its pixels are in the cache
+        (measured: the warp of a freshly decoded image is about 30% cheaper than of one decoded
+        63 images earlier). read is None when nothing is left to decode (decoded layout)."""
+        ids = self._checked(sample_ids)
+        a, shape = self._a, self.handle.image_shape
+        if "pixels" in a and a["pixels"].ndim == 4:
+            dense: np.ndarray = a["pixels"][ids]
+            return dense, None
+        if self.handle.layout == "decoded":
+            return [self._view(int(i), False) for i in ids], None
         if shape is not None:
             count = len(ids) * shape[0] * shape[1] * shape[2]
-            out = (self._scratch(count) if reuse else np.empty(count, np.uint8)).reshape(len(ids), *shape)
-            for k, i in enumerate(ids):
-                self._decode(int(i), out[k], None if boxes is None else boxes[k])
-            if reuse:
-                out.flags.writeable = False
-            return out
-        if not reuse:
-            return [self._decode(int(i), None) for i in ids]
-        c = self.handle.channels
-        depth = 4 if c == 3 else c  # RGB decodes to RGBX (`decode`)
-        hw = a["decoded_hw"][ids].astype(np.int64)
-        ends = np.cumsum(hw[:, 0] * hw[:, 1] * depth)
-        flat = self._scratch(int(ends[-1]) if len(ids) else 0)
-        images = []
-        for k, i in enumerate(ids):
-            (h, w), start = hw[k], int(ends[k - 1]) if k else 0
-            image = self._decode(int(i), flat[start:int(ends[k])].reshape(int(h), int(w), depth),
-                                 None if boxes is None else boxes[k])
-            image.flags.writeable = False
-            images.append(image)
-        return images
+            targets: Any = self._scratch(count).reshape(len(ids), *shape)
+            batch = targets.view()
+            batch.flags.writeable = False
+            images: np.ndarray | list[np.ndarray] = batch
+        else:
+            c = self.handle.channels
+            depth = 4 if c == 3 else c  # RGB decodes to RGBX (`decode`)
+            hw = a["decoded_hw"][ids].astype(np.int64)
+            ends = np.cumsum(hw[:, 0] * hw[:, 1] * depth)
+            flat = self._scratch(int(ends[-1]) if len(ids) else 0)
+            targets = [flat[int(ends[k - 1]) if k else 0:int(ends[k])].reshape(int(h), int(w), depth)
+                       for k, (h, w) in enumerate(hw)]
+            images = []
+            for target in targets:
+                image = target[:, :, :3] if depth == 4 else target.view()
+                image.flags.writeable = False
+                images.append(image)
+
+        def read(k: int) -> None:
+            self._decode(int(ids[k]), targets[k], None if boxes is None else boxes[k])
+
+        return images, read
+
+    def _checked(self, sample_ids: Any) -> np.ndarray:
+        """The ids as int64, refusing any that loading found bad."""
+        ids = np.asarray(sample_ids, np.int64)
+        a = self._a
+        if "bad" in a and ids.size and a["bad"][ids].any():
+            i = int(ids[np.flatnonzero(a["bad"][ids])[0]])
+            raise self._bad(i, "corrupt or truncated image data (found when the dataset was loaded)")
+        return ids
 
     def _scratch(self, nbytes: int) -> np.ndarray:
         """`nbytes` of this reader's decode buffer, reused by every gather(copy=False): decoding

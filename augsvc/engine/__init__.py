@@ -24,7 +24,7 @@ from ..validation import (
     sample_keys,
     sample_strength,
 )
-from .fused import read_boxes, run_fused
+from .fused import read_boxes, reads_in_warp, run_fused
 from .images import Images
 from .reference import run_reference
 
@@ -62,7 +62,8 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
 
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
                   sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE,
-                  out: np.ndarray | None = None, strength: Any = None, max_bytes: int | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, strength: Any = None, max_bytes: int | None = None,
+                  read: Callable[[int], None] | None = None) -> np.ndarray:
     """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
 
     max_side, max_bytes: refuse (LimitExceededError) input or output images with a longer side,
@@ -77,6 +78,11 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     strength: per-sample magnitude multipliers in [0, 1] (e.g. each sample's class strength), on
     top of the spec's own `strength`; None is 1 for every sample.
 
+    read: images whose pixels are not there yet (`DatasetReader.gather_deferred`): read(i) fills
+    images[i], and is called once per image before anything reads its pixels — by the fused
+    backend just before it warps that image, so a worker's freshly decoded image is warped while
+    it is still in the cache; otherwise for every image before the work starts.
+
     The pixels of sample i depend only on (spec, its input pixels, seed, epoch, sample_ids[i],
     strength[i], backend) — not on the batch, its position in it, or anything else.
     """
@@ -88,6 +94,10 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     limits = Limits(max_image_side=max_side, max_batch_bytes=max_bytes or 2**62)
     if spec.output_size is not None:
         limits.check_side("spec", *spec.output_size, what="output side")
+    if read is not None and not isinstance(images, np.ndarray) and len({im.shape for im in images}) == 1:
+        for i in range(len(images)):  # a list of one shape is stacked below: that reads every pixel
+            read(i)
+        read = None
     work, heights, widths, channels = check_images(images, max_side=max_side)
     ids = sample_keys(sample_ids, count=len(work))
     if len(work) == 0 and not isinstance(work, np.ndarray):
@@ -110,6 +120,10 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     out_h, out_w = draws[-1].out_size if draws else (heights, widths)
     if len(work) == 0:
         return np.zeros((0, int(out_h[0]), int(out_w[0]), channels), np.uint8)
+    if read is not None and not (backend == "fused" and reads_in_warp(draws)):
+        for i in range(len(work)):
+            read(i)
+        read = None
     if (out_h != out_h[0]).any() or (out_w != out_w[0]).any():
         raise InvalidInputError("images: the spec leaves images of different sizes in one batch; add a resize, "
                                 "center_crop or random_resized_crop step so that a batch has one shape")
@@ -118,7 +132,7 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         if out.dtype != np.uint8 or out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidInputError(f"out: expected a writable C-contiguous uint8 array of shape {want}, got "
                                     f"{out.dtype} {out.shape}")
-    result = BACKENDS[backend](work, draws, spec, out)
+    result = run_fused(work, draws, spec, out, read) if read is not None else BACKENDS[backend](work, draws, spec, out)
     if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")
     if out is not None:

@@ -3,6 +3,7 @@ math over the whole batch at once. Applies exactly the draws of `transforms.draw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -121,7 +122,14 @@ def _run_matrices(run: list[Draw[Any]]) -> np.ndarray:
     return total
 
 
-def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | None = None) -> Images:
+def reads_in_warp(draws: list[Draw[Any]]) -> bool:
+    """Whether `run_fused` reads its input images only in its first warp, one image at a time (a
+    spec that starts with a geometric step): it can then take `read`."""
+    return bool(draws) and isinstance(draws[0].transform, GeometricTransform)
+
+
+def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | None = None,
+          read: Callable[[int], None] | None = None) -> Images:
     m = _run_matrices(run)
     oh, ow = run[-1].out_size
     border = BORDERS[spec.border]
@@ -134,9 +142,16 @@ def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | Non
         usable = into is not None and into.shape == shape and not any(np.shares_memory(into, w) for w in sources)
         out = into if usable and into is not None else np.empty(shape, np.uint8)
         for i in range(n):
+            if read is not None:
+                read(i)
             _warp_one(work[i], m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill, scratch)
         return out
-    return [_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch) for i in range(n)]
+    warped = []
+    for i in range(n):
+        if read is not None:
+            read(i)
+        warped.append(_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch))
+    return warped
 
 
 def read_boxes(draws: list[Draw[Any]], spec: Spec, heights: np.ndarray, widths: np.ndarray) -> np.ndarray | None:
@@ -150,7 +165,7 @@ def read_boxes(draws: list[Draw[Any]], spec: Spec, heights: np.ndarray, widths: 
     so the box grows by 2 pixels each way (floating-point slack included). Where it leaves the
     image, the border mode says what is read instead: nothing (constant), the edge (replicate,
     inside the clamped box) or a mirror image (reflect_101: the box takes in the mirrored part)."""
-    if not draws or not isinstance(draws[0].transform, GeometricTransform):
+    if not reads_in_warp(draws):
         return None
     end = _warp_run_end(draws, 0)
     m = _run_matrices(draws[:end])
@@ -210,16 +225,20 @@ def _color(work: Images, draw: Draw[Any], transform: ColorTransform[Any], owned:
     return work
 
 
-def run_fused(work: Images, draws: list[Draw[Any]], spec: Spec, out: np.ndarray | None = None) -> Images:
+def run_fused(work: Images, draws: list[Draw[Any]], spec: Spec, out: np.ndarray | None = None,
+              read: Callable[[int], None] | None = None) -> Images:
     """Apply `draws` to `work` ((N,H,W,C) array or list of (H,W,C) arrays); warps write into
-    `out` when it has their shape (later in-place color steps then work there too)."""
+    `out` when it has their shape (later in-place color steps then work there too). read(i), when
+    given (only where `reads_in_warp`), fills work[i] just before the first warp reads it."""
+    if read is not None and not reads_in_warp(draws):
+        raise ValueError("read: this spec reads its images before its first warp")
     i = 0
     owned = False  # True once `work` is an array this function allocated
     while i < len(draws):
         transform = draws[i].transform
         if isinstance(transform, GeometricTransform):
             j = _warp_run_end(draws, i)
-            work = _warp(work, draws[i:j], spec, out)
+            work = _warp(work, draws[i:j], spec, out, read if i == 0 else None)
             owned = True
             i = j
             continue
