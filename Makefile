@@ -6,11 +6,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: install demo test lint protos bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py augsvc/datasets/_jpegregion.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU build first (held locally); an unpinned torch would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# Also builds the optional C module (setup.py: JPEG region decoding) in place; skipped with a
+	# warning where there is no C compiler or libjpeg-turbo headers.
 	$(PY) -m pip install -q -e '.[train,tensorboard,dev]'
 	touch $(STAMP)
 

@@ -14,5 +14,6 @@ $py -m benchmarks.e2e --seconds 10 --json "$out/e2e.json"
 $py -m benchmarks.transport --seconds 3 --json "$out/transport.json"
 $py -m benchmarks.scaling --seconds 4 --json "$out/scaling.json" --plot docs/scaling.png
 $py -m benchmarks.scaleout --seconds 6 --json "$out/scaleout.json"
-$py -m benchmarks.jpeg --seconds 40 --rounds 5 --json "$out/jpeg.json"
+$py -m benchmarks.jpeg --seconds 40 --rounds 5 --folder "$out/jpeg-folder" --json "$out/jpeg.json"
+$py -m benchmarks.jpeg_region --folder "$out/jpeg-folder"
 $py -m benchmarks.jpeg_startup --json "$out/jpeg_startup.json"

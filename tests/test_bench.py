@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from augsvc.datasets.decode import REGION_DECODER
 
 ROOT = Path(__file__).resolve().parent.parent
 AUGSVC = Path(sys.executable).with_name("augsvc")
@@ -72,3 +75,19 @@ def test_augsvc_bench_sizes_a_spec_on_sample_photos_or_the_users_image(tmp_path:
                  "--seconds", "0.2")
     assert "batches of 2 30x40x1 -> 30x40x1" in out, out
 
+
+
+@pytest.mark.skipif(REGION_DECODER is None, reason="augsvc.datasets._jpegregion is not built here")
+def test_bench_jpeg_region_checks_every_crop_against_the_full_decode(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h, w = (int(v) for v in rng.integers(60, 140, 2))
+        xs, ys = np.meshgrid(np.arange(w) * 3 % 256, np.arange(h) * 5 % 256)
+        pixels = np.stack([xs, ys, np.full((h, w), 80 + i)], axis=2).astype(np.uint8)
+        (tmp_path / "c0").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "c0" / f"{i}.jpg", quality=90)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.jpeg_region", "--folder", str(tmp_path), "--epochs", "2",
+                           "--seconds", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "its bytes equal the full decode's in 12 of 12" in proc.stdout, proc.stdout
+    assert re.search(r"full decode \d+\.\d+, region decode \d+\.\d+", proc.stdout), proc.stdout

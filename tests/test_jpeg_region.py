@@ -270,3 +270,36 @@ def test_deferred_images_are_read_once_each_before_their_pixels_are(spec: dict[s
         assert events[:10] == [x for i in range(5) for x in (f"read {i}", "warp")]
     else:
         assert first_warp >= 5  # every image was read before any warp
+
+
+def test_without_the_compiled_module_images_decode_whole_to_the_same_bytes(tmp_path: Path) -> None:
+    """Where `_jpegregion` is not built (no compiler or headers), a worker decodes whole images:
+    REGION_DECODER is None, no region is decoded, and the output is the same."""
+    import subprocess
+    import sys
+
+    _folder(tmp_path)
+    script = f"""
+import sys
+sys.modules["augsvc.datasets._jpegregion"] = None  # the import fails, as where it was never built
+import numpy as np
+from augsvc import augment_batch
+from augsvc.datasets import attach, load_dataset
+from augsvc.datasets.decode import REGION_DECODER
+from augsvc.worker import read_for_augmentation
+assert REGION_DECODER is None
+spec = {TRAIN!r}
+ids = np.arange(7)
+folder = {str(tmp_path)!r}
+with load_dataset("d", folder, layout="decoded") as d, load_dataset("e", folder, layout="encoded") as e:
+    whole, part = attach(d.handle()), attach(e.handle())
+    expected = augment_batch(whole.gather(ids), spec, seed=1, epoch=0, sample_ids=ids)
+    images, read = read_for_augmentation(part, ids, spec, seed=1, epoch=0)
+    got = augment_batch(images, spec, seed=1, epoch=0, sample_ids=ids, read=read)
+    assert np.array_equal(got, expected) and part.region_decodes == 0
+    del images, read
+    whole.close(); part.close()
+print("same bytes")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "same bytes" in proc.stdout, proc.stderr[-3000:]
