@@ -114,6 +114,9 @@ def test_files_it_does_not_take_are_left_to_the_full_decode() -> None:
         assert (out == 9).all()  # nothing written: the caller decodes the whole image
     with pytest.raises(DecodeFailed):  # ... and the full decode refuses the truncated file
         decode(truncated, probe(truncated), 3)
+    good = encode(image, "420")
+    for box in [(0, 0, 81, 60), (10, 10, 10, 20), (-1, 0, 5, 5), (0, 0, 80, 61)]:  # not a rectangle of the image
+        assert not decode_region(good, probe(good), 1, np.zeros((60, 80, 4), np.uint8), box)
 
 
 @needs_module
@@ -196,8 +199,9 @@ def test_a_worker_reads_regions_and_augments_to_the_decoded_layouts_bytes(tmp_pa
                     got = augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)
                     np.testing.assert_array_equal(got, expected)
                     del images, read
-            # every baseline JPEG went through the region path; the PNG and the progressive file did not
-            assert part.region_decodes == 3 * 2 * 5
+            # every baseline JPEG went through the region path after its first, whole decode (the
+            # first call); the PNG and the progressive file never did
+            assert part.region_decodes == (3 * 2 - 1) * 5
             assert whole.region_sizes(ids) is None  # the decoded layout has its pixels already
         finally:
             whole.close()
@@ -303,3 +307,41 @@ print("same bytes")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "same bytes" in proc.stdout, proc.stderr[-3000:]
+
+
+@needs_module
+@pytest.mark.parametrize("layout", ["encoded", "files"])
+def test_damage_below_every_crop_fails_the_sample_in_every_epoch(tmp_path: Path, layout: str) -> None:
+    """A region leaves the rows below it undecoded; a file damaged only there would fail for some
+    crops and not others. A sample's first decode in a process is whole, so it fails every time,
+    as in the decoded layout, which finds it at load."""
+    from augsvc.errors import BadSampleError
+
+    image = photo(256, 256, 8)
+    for k in range(2):
+        data = bytearray(encode(image, "420"))
+        if k == 0:  # restart markers where none belong, in the last rows; the end marker stays
+            data[len(data) - 300:len(data) - 260] = b"\xff\xd7" * 20
+        (tmp_path / f"c{k}").mkdir()
+        (tmp_path / f"c{k}" / "x.jpg").write_bytes(bytes(data))
+    damaged = (tmp_path / "c0" / "x.jpg").read_bytes()
+    header = probe(damaged)
+    assert decode_region(damaged, header, 1, np.zeros((256, 256, 4), np.uint8), (0, 0, 256, 40))  # the top is fine
+    with pytest.raises(DecodeFailed):
+        decode(damaged, header, 3)
+    spec = {"transforms": [{"random_resized_crop": {"height": 32, "width": 32, "scale_range": [0.05, 0.1]}}]}
+    with load_dataset("p", str(tmp_path), layout=layout) as ds:
+        reader = attach(ds.handle())
+        try:
+            for epoch in range(6):
+                for ids, fails in (([1], False), ([0], True)):
+                    images, read = read_for_augmentation(reader, ids, spec, seed=1, epoch=epoch)
+                    if fails:
+                        with pytest.raises(BadSampleError, match="sample 0"):
+                            augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)
+                    else:
+                        augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)
+                    del images, read
+            assert reader.region_decodes == 5  # the good file, after its first decode
+        finally:
+            reader.close()

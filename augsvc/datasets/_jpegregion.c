@@ -70,6 +70,7 @@ static int decode(struct jpeg_decompress_struct *cinfo, struct strict_error *err
     if (setjmp(err->jump)) {
         return -1;
     }
+    jpeg_create_decompress(cinfo); /* after setjmp: its errors (no memory, a mismatched library) jump too */
     jpeg_mem_src(cinfo, data, (unsigned long)size);
     jpeg_read_header(cinfo, TRUE);
     if (cinfo->progressive_mode
@@ -129,15 +130,15 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         || out.len < (Py_ssize_t)height * width * depth || !PyBuffer_IsContiguous(&out, 'C')) {
         PyBuffer_Release(&data);
         PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "decode_region: bad arguments");
+        PyErr_SetString(PyExc_IndexError, "decode_region: bad arguments"); /* never a corrupt-image ValueError */
         return NULL;
     }
     memset(&err, 0, sizeof(err));
+    memset(&cinfo, 0, sizeof(cinfo)); /* so that jpeg_destroy_decompress is safe whenever decode() stops */
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
     err.pub.emit_message = on_message;
     Py_BEGIN_ALLOW_THREADS
-    jpeg_create_decompress(&cinfo);
     result = decode(&cinfo, &err, (const unsigned char *)data.buf, (size_t)data.len, (unsigned char *)out.buf,
                     height, width, depth, scale, x0, y0, x1, y1);
     jpeg_destroy_decompress(&cinfo);

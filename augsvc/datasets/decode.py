@@ -194,15 +194,20 @@ def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.
     holds anything. False, with nothing decoded, when this path does not take the image (a PNG, a
     progressive or CMYK JPEG, data without an end marker such as a truncated file's, or no
     `_jpegregion` here): decode it whole. DecodeFailed for data libjpeg-turbo refuses."""
-    if (_jpegregion is None or header.format != JPEG or not out.flags.c_contiguous or not out.flags.writeable
-            or not _region_decoder_agrees()):
-        return False
     h, w, depth = out.shape
     x0, y0, x1, y1 = box
+    if (header.format != JPEG or not out.flags.c_contiguous or not out.flags.writeable
+            or not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h) or not regions_available()):
+        return False
     try:
         return bool(_jpegregion.decode_region(data, out, h, w, depth, scale, x0, y0, x1, y1))
     except ValueError as exc:
         raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+
+
+def regions_available() -> bool:
+    """Whether `decode_region` decodes regions in this process (the module is built and agrees)."""
+    return _jpegregion is not None and _region_decoder_agrees()
 
 
 @functools.cache
@@ -215,25 +220,27 @@ def _region_decoder_agrees() -> bool:
 
     y, x = np.mgrid[0:45, 0:61]
     image = np.stack([(x * 4 + y) % 256, (y * 5 + 3 * x) % 256, (x * y) % 256], axis=2).astype(np.uint8)
-    factors = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
-               cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440]
+    kinds = [(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, 0), (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422, 0),
+             (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, 2), (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440, 0), (None, 0)]
     boxes = [(0, 0, 61, 45), (17, 9, 40, 30), (1, 20, 2, 45), (33, 0, 61, 17)]
-    for factor in factors:
-        params = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor]
-        ok, encoded = cv2.imencode(".jpg", image, params)
+    for factor, restart in kinds:  # 4 chroma subsamplings (one with restart markers) and a gray file
+        params = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
+        source = image[:, :, 0] if factor is None else image
+        ok, encoded = cv2.imencode(".jpg", source, params if factor is None else
+                                   [*params, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor])
         data = encoded.tobytes()
         header = probe(data)
-        for scale in (1, 2):
-            full = decode(data, header, 3, scale)
+        for scale, depth in [(1, 4), (2, 4), (4, 4), (8, 4), (1, 3), (2, 1), (1, 1)]:
+            full = decode(data, header, 1 if depth == 1 else 3, scale)
             h, w = full.shape[:2]
             for x0, y0, x1, y1 in boxes:
                 x0, y0, x1, y1 = min(x0, w - 1), min(y0, h - 1), min(x1, w), min(y1, h)
-                out = np.zeros((h, w, 4), np.uint8)
+                out = np.zeros((h, w, depth), np.uint8)
                 try:
-                    taken = _jpegregion.decode_region(data, out, h, w, 4, scale, x0, y0, x1, y1)
-                except ValueError:
+                    taken = _jpegregion.decode_region(data, out, h, w, depth, scale, x0, y0, x1, y1)
+                except (ValueError, IndexError):
                     taken = False
-                if not (ok and taken and np.array_equal(out[y0:y1, x0:x1, :3], full[y0:y1, x0:x1])):
+                if not (ok and taken and np.array_equal(out[y0:y1, x0:x1, :min(depth, 3)], full[y0:y1, x0:x1])):
                     log.warning("JPEG region decoding is off: %s does not give %s's bytes here",
                                 REGION_DECODER, JPEG_DECODER)
                     return False

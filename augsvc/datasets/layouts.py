@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import BadSampleError
 from ..shm import attach_segment, create_segment, release_segment
-from .decode import REGION_DECODER, DecodeFailed, Header, decode, decode_region, probe
+from .decode import DecodeFailed, Header, decode, decode_region, probe, regions_available
 from .scan import read_file
 from .sources import path_at
 
@@ -103,6 +103,8 @@ class DatasetReader:
         self._a = _views(self._shm, handle.fields)
         self._buffer: np.ndarray | None = None
         self.region_decodes = 0
+        # per sample: decoded whole, without error, once in this process (see `_decode`)
+        self._whole_once = np.zeros(handle.num_samples if handle.layout in ("encoded", "files") else 0, bool)
 
     @property
     def num_samples(self) -> int:
@@ -125,7 +127,7 @@ class DatasetReader:
         """The decoded (heights, widths) of the samples when `gather` may decode only parts of
         them (encoded or files layout, `decode_region` built here); None when it decodes whole
         images or reads them decoded."""
-        if self.handle.layout not in ("encoded", "files") or REGION_DECODER is None:
+        if self.handle.layout not in ("encoded", "files") or not regions_available():
             return None
         hw = self._a["decoded_hw"][np.asarray(sample_ids, np.int64)]
         return hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
@@ -240,7 +242,13 @@ class DatasetReader:
 
     def _decode(self, i: int, out: np.ndarray | None, box: np.ndarray | None = None) -> np.ndarray:
         """Sample i of the encoded or files layout, decoded (into `out`, as `decode` takes it;
-        only the rectangle `box` of it where `decode_region` can)."""
+        only the rectangle `box` of it where `decode_region` can).
+
+        A region leaves the rows below it undecoded, so damage there would go unseen — a sample
+        would fail for some crops and not others. Hence a sample's first decode in this process
+        is whole and strict (what the decoded layout does at load): a damaged file fails then, and
+        every time after, since it never gets past this first decode; only a file that decoded
+        whole without error is decoded by regions later."""
         a, c = self._a, self.handle.channels
         header = Header(int(a["formats"][i]), int(a["header_hw"][i, 0]), int(a["header_hw"][i, 1]), False)
         try:
@@ -253,11 +261,13 @@ class DatasetReader:
                     raise DecodeFailed(f"the file changed since the dataset was loaded ({now.width}x{now.height}, "
                                        f"it was {header.width}x{header.height})")
             scale = int(a["scales"][i])
-            if box is not None and out is not None and decode_region(
+            if box is not None and out is not None and self._whole_once[i] and decode_region(
                     data, header, scale, out, (int(box[0]), int(box[1]), int(box[2]), int(box[3]))):
                 self.region_decodes += 1
                 return out[:, :, :3] if out.shape[2] == 4 else out
-            return decode(data, header, c, scale, out)
+            pixels = decode(data, header, c, scale, out)
+            self._whole_once[i] = True
+            return pixels
         except DecodeFailed as exc:
             raise self._bad(i, str(exc)) from None
         except OSError as exc:

@@ -94,8 +94,9 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     limits = Limits(max_image_side=max_side, max_batch_bytes=max_bytes or 2**62)
     if spec.output_size is not None:
         limits.check_side("spec", *spec.output_size, what="output side")
-    if read is not None and not isinstance(images, np.ndarray) and len({im.shape for im in images}) == 1:
-        for i in range(len(images)):  # a list of one shape is stacked below: that reads every pixel
+    if read is not None and (len({im.shape for im in images}) == 1 if not isinstance(images, np.ndarray)
+                             else not images.flags.c_contiguous):
+        for i in range(len(images)):  # stacked or made contiguous below: that reads every pixel
             read(i)
         read = None
     work, heights, widths, channels = check_images(images, max_side=max_side)
