@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
@@ -109,24 +109,6 @@ def remote_error(class_name: str, message: str) -> Exception:
     return RuntimeError(message)
 
 
-def read_for_augmentation(reader: Any, sample_ids: Any, spec: Any, *, seed: int, epoch: int, strength: Any = None,
-                          backend: str = "fused") -> tuple[Any, Callable[[int], None] | None]:
-    """A dataset batch as a worker reads it for `augment_batch` with these arguments: (images,
-    read), to pass to `augment_batch(..., read=read)`, which decodes each image just before it
-    warps it (`DatasetReader.gather_deferred`; views valid until the reader's next gather). A JPEG
-    of the encoded or files layout is decoded only in the rectangle the augmentation reads
-    (`engine.source_boxes`), which gives the same output bytes as the whole image."""
-    from .engine import source_boxes
-
-    boxes = None
-    sizes = reader.region_sizes(sample_ids)
-    if sizes is not None:
-        boxes = source_boxes(spec, seed=seed, epoch=epoch, sample_ids=sample_ids, heights=sizes[0], widths=sizes[1],
-                             strength=strength, backend=backend)
-    images, read = reader.gather_deferred(sample_ids, boxes=boxes)
-    return images, read
-
-
 class _Worker:
     def __init__(self, config: WorkerConfig) -> None:
         from .datasets import attach
@@ -143,13 +125,12 @@ class _Worker:
         seed, _, seconds = config.sleep_hook.partition(":")
         self.sleep_hook = (int(seed), float(seconds)) if config.sleep_hook else None
 
-    def images(self, job: Job) -> tuple[Any, Callable[[int], None] | None]:
-        """The job's input images, and what decodes image i when a dataset's are not decoded yet
-        (`read_for_augmentation`): read from the dataset, or from the input slot."""
-        if isinstance(job, DatasetBatch):
-            aug = job.augmentation
-            return read_for_augmentation(self.datasets[job.dataset], job.sample_ids, aug.validated_spec, seed=aug.seed,
-                                         epoch=aug.epoch, strength=job.strength, backend=aug.backend)
+    def images(self, job: Job) -> tuple[Any, Any]:
+        """The job's input images, and what decodes image i (only the part the augmentation reads)
+        when a dataset's are not decoded yet (`DatasetReader.gather_deferred`, for `augment_batch`'s
+        read=): read from the dataset, or from the input slot."""
+        if isinstance(job, DatasetBatch):  # views used before the next job
+            return self.datasets[job.dataset].gather_deferred(job.sample_ids)
         if job.shape is not None:
             return np.ndarray(job.shape, np.uint8, buffer=self.in_shm.buf), None
         from .datasets import decode_images

@@ -177,16 +177,16 @@ def pillow_rgb(path: str | io.BytesIO) -> np.ndarray:
 def worker_share(folder: Path, *, seconds: float, batch: int, size: DecodeSize | None) -> dict[str, float]:
     """Milliseconds per image on one core, measured interleaved: a worker's job (`worker`: a
     batch of the folder's files read by a worker's dataset reader of the encoded layout, at the
-    declared size if any, as `augsvc.worker.read_for_augmentation` does — each random crop's region
-    of the JPEG, RGBX into the reader's reused buffer, decoded just before its warp — and
-    augmented with TRAIN_SPEC by the fused engine), its two parts apart (`decode`; `decode_whole`:
+    declared size if any, as a worker does (`DatasetReader.gather_deferred` and
+    `augment_batch(read=)`) — each random crop's region of the JPEG, RGBX into the reader's
+    reused buffer, decoded just before its warp — and augmented with TRAIN_SPEC by the fused
+    engine), its two parts apart (`decode`; `decode_whole`:
     whole images; `augment` of decoded images), and what (a) does per image (Pillow decode and the
     albumentations Compose)."""
     import cv2
 
     from augsvc.datasets import attach, load_dataset
-    from augsvc.engine import augment_batch
-    from augsvc.worker import read_for_augmentation
+    from augsvc.engine import augment_batch, source_boxes
 
     cv2.setNumThreads(0)
     batches = [np.arange(k * batch, (k + 1) * batch) for k in range(4)]
@@ -202,17 +202,20 @@ def worker_share(folder: Path, *, seconds: float, batch: int, size: DecodeSize |
 
             def worker_job() -> int:  # a worker's job: each image decoded (its crop's region) just before its warp
                 ids = batches[state["k"] % 4]
-                images, read = read_for_augmentation(readers[4], ids, TRAIN_SPEC, seed=0, epoch=state["k"])
+                images, read = readers[4].gather_deferred(ids)
                 augment_batch(images, TRAIN_SPEC, seed=0, epoch=state["k"], sample_ids=ids, out=out, read=read)
                 state["k"] += 1
                 return batch
 
             def decode_batch() -> int:  # the decoding alone: the random crops' regions (`decode_region`)
-                images, read = read_for_augmentation(readers[4], batches[state["k"] % 4], TRAIN_SPEC, seed=0,
-                                                     epoch=state["k"])
-                assert read is not None  # the encoded layout decodes in the worker
-                for k in range(len(images)):
-                    read(k)
+                ids = batches[state["k"] % 4]
+                images, read = readers[4].gather_deferred(ids)
+                boxes = source_boxes(TRAIN_SPEC, seed=0, epoch=state["k"], sample_ids=ids,
+                                     heights=np.array([im.shape[0] for im in images]),
+                                     widths=np.array([im.shape[1] for im in images]))
+                assert read is not None and boxes is not None  # the encoded layout decodes; the spec crops first
+                for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+                    read(k, (x0, y0, x1, y1))
                 state["k"] += 1
                 return batch
 

@@ -19,7 +19,6 @@ from augsvc.datasets import decode as decode_module
 from augsvc.datasets.decode import REGION_DECODER, DecodeFailed, decode, decode_region, probe, scaled
 from augsvc.engine import source_boxes
 from augsvc.samples import sample_photo
-from augsvc.worker import read_for_augmentation
 
 needs_module = pytest.mark.skipif(REGION_DECODER is None, reason="augsvc.datasets._jpegregion is not built here")
 
@@ -195,14 +194,14 @@ def test_a_worker_reads_regions_and_augments_to_the_decoded_layouts_bytes(tmp_pa
             for spec in GEOMETRIC[:3]:
                 for epoch in range(2):
                     expected = augment_batch(whole.gather(ids), spec, seed=1, epoch=epoch, sample_ids=ids)
-                    images, read = read_for_augmentation(part, ids, spec, seed=1, epoch=epoch)
+                    images, read = part.gather_deferred(ids)
                     got = augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)
                     np.testing.assert_array_equal(got, expected)
                     del images, read
             # every baseline JPEG went through the region path after its first, whole decode (the
             # first call); the PNG and the progressive file never did
             assert part.region_decodes == (3 * 2 - 1) * 5
-            assert whole.region_sizes(ids) is None  # the decoded layout has its pixels already
+            assert whole.gather_deferred(ids)[1] is None  # the decoded layout has its pixels already
         finally:
             whole.close()
             part.close()
@@ -253,7 +252,7 @@ def test_deferred_images_are_read_once_each_before_their_pixels_are(spec: dict[s
     images = [np.zeros_like(s) for s in sources]
     events: list[str] = []
 
-    def read(i: int) -> None:
+    def read(i: int, box: tuple[int, int, int, int] | None) -> None:
         events.append(f"read {i}")
         images[i][...] = sources[i]
 
@@ -290,7 +289,6 @@ import numpy as np
 from augsvc import augment_batch
 from augsvc.datasets import attach, load_dataset
 from augsvc.datasets.decode import REGION_DECODER
-from augsvc.worker import read_for_augmentation
 assert REGION_DECODER is None
 spec = {TRAIN!r}
 ids = np.arange(7)
@@ -298,7 +296,7 @@ folder = {str(tmp_path)!r}
 with load_dataset("d", folder, layout="decoded") as d, load_dataset("e", folder, layout="encoded") as e:
     whole, part = attach(d.handle()), attach(e.handle())
     expected = augment_batch(whole.gather(ids), spec, seed=1, epoch=0, sample_ids=ids)
-    images, read = read_for_augmentation(part, ids, spec, seed=1, epoch=0)
+    images, read = part.gather_deferred(ids)
     got = augment_batch(images, spec, seed=1, epoch=0, sample_ids=ids, read=read)
     assert np.array_equal(got, expected) and part.region_decodes == 0
     del images, read
@@ -335,7 +333,7 @@ def test_damage_below_every_crop_fails_the_sample_in_every_epoch(tmp_path: Path,
         try:
             for epoch in range(6):
                 for ids, fails in (([1], False), ([0], True)):
-                    images, read = read_for_augmentation(reader, ids, spec, seed=1, epoch=epoch)
+                    images, read = reader.gather_deferred(ids)
                     if fails:
                         with pytest.raises(BadSampleError, match="sample 0"):
                             augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)

@@ -18,8 +18,8 @@ A declared decode size (`DecodeSize`) makes a JPEG decode at the smallest DCT sc
 dataset's setting only, so every layout decodes, and caches, the same pixels. PNG has no such
 scale and decodes whole.
 
-A worker that knows which part of an image its augmentation reads (a random crop's rectangle:
-`augsvc.engine.source_boxes`) decodes only that part when it can (`decode_region`):
+A worker told which part of an image its augmentation reads (a random crop's rectangle, by
+`augment_batch(read=)`: `augsvc.engine.source_boxes`) decodes only that part when it can (`decode_region`):
 libjpeg-turbo's partial decompression, through the optional compiled module
 `augsvc.datasets._jpegregion` (built against the system's libjpeg-turbo). The rectangle's pixels
 are the bytes a full decode gives — tested on every kind of file and crop — so whether a server

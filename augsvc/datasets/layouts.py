@@ -30,9 +30,12 @@ import numpy as np
 
 from ..errors import BadSampleError
 from ..shm import attach_segment, create_segment, release_segment
-from .decode import DecodeFailed, Header, decode, decode_region, probe, regions_available
+from .decode import DecodeFailed, Header, decode, decode_region, probe
 from .scan import read_file
 from .sources import path_at
+
+#: read(k, box): fill image k of a deferred gather, only the rectangle box = (x0, y0, x1, y1) if given.
+Read = Callable[[int, "tuple[int, int, int, int] | None"], None]
 
 __all__ = ["LAYOUTS", "DatasetHandle", "DatasetReader", "Field", "attach", "build_segment"]
 
@@ -123,17 +126,7 @@ class DatasetReader:
         hw = self._a["decoded_hw"][ids].astype(np.int64)
         return int((hw[:, 0] * hw[:, 1]).sum()) * self.handle.channels
 
-    def region_sizes(self, sample_ids: Any) -> tuple[np.ndarray, np.ndarray] | None:
-        """The decoded (heights, widths) of the samples when `gather` may decode only parts of
-        them (encoded or files layout, `decode_region` built here); None when it decodes whole
-        images or reads them decoded."""
-        if self.handle.layout not in ("encoded", "files") or not regions_available():
-            return None
-        hw = self._a["decoded_hw"][np.asarray(sample_ids, np.int64)]
-        return hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
-
-    def gather(self, sample_ids: Any, *, copy: bool = True, boxes: np.ndarray | None = None
-               ) -> np.ndarray | list[np.ndarray]:
+    def gather(self, sample_ids: Any, *, copy: bool = True) -> np.ndarray | list[np.ndarray]:
         """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
         otherwise a list of (H, W, C) arrays. A sample that does not decode raises BadSampleError,
         which names the sample id, not the path. The ids are indices checked when the job was
@@ -142,17 +135,12 @@ class DatasetReader:
         copy=False (a worker's case): read-only images valid only until the next `gather` or
         `close()`. The decoded layout's mixed-size images are views of the shared pixels (no
         copy); the other layouts decode into one buffer this reader keeps (`_scratch`), RGB
-        images as views of RGBX pixels, which the fused engine warps as they are (`decode`).
-
-        boxes (with copy=False): (N, 4) rectangles x0, y0, x1, y1 of the decoded images, the only
-        pixels the caller will read (`augsvc.engine.source_boxes`): a JPEG of the encoded or
-        files layout then decodes just that part where it can (`decode_region`); the rest of its
-        image holds anything. `region_decodes` counts the images decoded so."""
+        images as views of RGBX pixels, which the fused engine warps as they are (`decode`)."""
         if not copy:
-            images, read = self.gather_deferred(sample_ids, boxes=boxes)
+            images, read = self.gather_deferred(sample_ids)
             if read is not None:
                 for k in range(len(images)):
-                    read(k)
+                    read(k, None)
             return images
         ids = self._checked(sample_ids)
         a, shape = self._a, self.handle.image_shape
@@ -168,14 +156,16 @@ class DatasetReader:
             return out
         return [self._decode(int(i), None) for i in ids]
 
-    def gather_deferred(self, sample_ids: Any, *, boxes: np.ndarray | None = None
-                        ) -> tuple[np.ndarray | list[np.ndarray], Callable[[int], None] | None]:
+    def gather_deferred(self, sample_ids: Any) -> tuple[np.ndarray | list[np.ndarray], Read | None]:
         """`gather(copy=False)` with the decoding left to the caller: (images, read), where the
-        images have their final shapes and read(k) fills image k (at most once, before anything
-        reads its pixels; BadSampleError as in `gather`). A worker hands `read` to the engine,
-        which decodes each image just before it warps it, while its pixels are in the cache
-        (measured: the warp of a freshly decoded image is about 30% cheaper than of one decoded
-        63 images earlier). read is None when nothing is left to decode (decoded layout)."""
+        images have their final shapes and read(k, box) fills image k (at most once, before
+        anything reads its pixels; BadSampleError as in `gather`) — a JPEG only in the rectangle
+        `box` = (x0, y0, x1, y1) where `decode_region` can, the rest of the image then holding
+        anything; all of it when box is None. `region_decodes` counts the images decoded so. A
+        worker hands `read` to `augment_batch`, which passes each image's box and decodes it just
+        before it warps it, while its pixels are in the cache (`python -m benchmarks.jpeg`: a
+        worker's job is cheaper than its decode and augment measured apart). read is None when
+        nothing is left to decode (decoded layout)."""
         ids = self._checked(sample_ids)
         a, shape = self._a, self.handle.image_shape
         if "pixels" in a and a["pixels"].ndim == 4:
@@ -203,8 +193,8 @@ class DatasetReader:
                 image.flags.writeable = False
                 images.append(image)
 
-        def read(k: int) -> None:
-            self._decode(int(ids[k]), targets[k], None if boxes is None else boxes[k])
+        def read(k: int, box: tuple[int, int, int, int] | None) -> None:
+            self._decode(int(ids[k]), targets[k], box)
 
         return images, read
 
@@ -240,7 +230,7 @@ class DatasetReader:
         view.flags.writeable = False  # the engine never writes into its input
         return view
 
-    def _decode(self, i: int, out: np.ndarray | None, box: np.ndarray | None = None) -> np.ndarray:
+    def _decode(self, i: int, out: np.ndarray | None, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Sample i of the encoded or files layout, decoded (into `out`, as `decode` takes it;
         only the rectangle `box` of it where `decode_region` can).
 
@@ -262,7 +252,7 @@ class DatasetReader:
                                        f"it was {header.width}x{header.height})")
             scale = int(a["scales"][i])
             if box is not None and out is not None and self._whole_once[i] and decode_region(
-                    data, header, scale, out, (int(box[0]), int(box[1]), int(box[2]), int(box[3]))):
+                    data, header, scale, out, box):
                 self.region_decodes += 1
                 return out[:, :, :3] if out.shape[2] == 4 else out
             pixels = decode(data, header, c, scale, out)

@@ -24,7 +24,7 @@ from ..validation import (
     sample_keys,
     sample_strength,
 )
-from .fused import read_boxes, reads_in_warp, run_fused
+from .fused import read_boxes, run_fused
 from .images import Images
 from .reference import run_reference
 
@@ -63,7 +63,7 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
                   sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE,
                   out: np.ndarray | None = None, strength: Any = None, max_bytes: int | None = None,
-                  read: Callable[[int], None] | None = None) -> np.ndarray:
+                  read: Callable[[int, tuple[int, int, int, int] | None], None] | None = None) -> np.ndarray:
     """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
 
     max_side, max_bytes: refuse (LimitExceededError) input or output images with a longer side,
@@ -78,10 +78,12 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     strength: per-sample magnitude multipliers in [0, 1] (e.g. each sample's class strength), on
     top of the spec's own `strength`; None is 1 for every sample.
 
-    read: images whose pixels are not there yet (`DatasetReader.gather_deferred`): read(i) fills
-    images[i], and is called once per image before anything reads its pixels — by the fused
-    backend just before it warps that image, so a worker's freshly decoded image is warped while
-    it is still in the cache; otherwise for every image before the work starts.
+    read: images whose pixels are not there yet (`DatasetReader.gather_deferred`): read(i, box)
+    fills images[i] — at least its rectangle `box` = (x0, y0, x1, y1), the only pixels the engine
+    will read (`source_boxes`), or all of it when box is None — and is called once per image
+    before anything reads its pixels: by the fused backend just before it warps that image, so a
+    worker's freshly decoded image is warped while it is still in the cache; otherwise for every
+    image, whole, before the work starts.
 
     The pixels of sample i depend only on (spec, its input pixels, seed, epoch, sample_ids[i],
     strength[i], backend) — not on the batch, its position in it, or anything else.
@@ -97,7 +99,7 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     if read is not None and (len({im.shape for im in images}) == 1 if not isinstance(images, np.ndarray)
                              else not images.flags.c_contiguous):
         for i in range(len(images)):  # stacked or made contiguous below: that reads every pixel
-            read(i)
+            read(i, None)
         read = None
     work, heights, widths, channels = check_images(images, max_side=max_side)
     ids = sample_keys(sample_ids, count=len(work))
@@ -121,10 +123,16 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
     out_h, out_w = draws[-1].out_size if draws else (heights, widths)
     if len(work) == 0:
         return np.zeros((0, int(out_h[0]), int(out_w[0]), channels), np.uint8)
-    if read is not None and not (backend == "fused" and reads_in_warp(draws)):
-        for i in range(len(work)):
-            read(i)
-        read = None
+    fill = None
+    if read is not None:
+        boxes = read_boxes(draws, spec, heights, widths) if backend == "fused" else None
+        if boxes is None:  # this spec or backend reads whole images before any warp
+            for i in range(len(work)):
+                read(i, None)
+        else:
+            def fill(i: int, read: Callable[[int, tuple[int, int, int, int] | None], None] = read,
+                     boxes: np.ndarray = boxes) -> None:
+                read(i, (int(boxes[i, 0]), int(boxes[i, 1]), int(boxes[i, 2]), int(boxes[i, 3])))
     if (out_h != out_h[0]).any() or (out_w != out_w[0]).any():
         raise InvalidInputError("images: the spec leaves images of different sizes in one batch; add a resize, "
                                 "center_crop or random_resized_crop step so that a batch has one shape")
@@ -133,7 +141,7 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
         if out.dtype != np.uint8 or out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidInputError(f"out: expected a writable C-contiguous uint8 array of shape {want}, got "
                                     f"{out.dtype} {out.shape}")
-    result = run_fused(work, draws, spec, out, read) if read is not None else BACKENDS[backend](work, draws, spec, out)
+    result = run_fused(work, draws, spec, out, fill) if fill is not None else BACKENDS[backend](work, draws, spec, out)
     if not isinstance(result, np.ndarray):  # pragma: no cover - guarded by the size check above
         raise InvalidInputError("images: the spec left images of different sizes in one batch")
     if out is not None:
