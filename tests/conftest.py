@@ -3,12 +3,12 @@ tensor is left in cyclic garbage for a daemon thread to free while the interpret
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 
 import pytest
 
 from augsvc.shm import sweep_stale_segments
+from trainer_client.train import settle_before_exit
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,9 +21,8 @@ def no_segments_left_behind() -> Iterator[None]:
 
 
 def pytest_sessionfinish() -> None:
-    """Collect cyclic garbage while the interpreter is whole. A core dump of a session that
-    aborted at exit ("terminate called without an active exception", 4 of 21 full runs on
-    2026-11-26) showed a daemon thread whose allocation started a garbage collection during
-    finalization: freeing a tensor there released the GIL, the thread was ended on taking it back
-    (pthread_exit), and the unwind through torch's C++ destructor terminated the process."""
-    gc.collect()
+    """The session ends as augsvc-train does (see settle_before_exit). On 2026-11-27 the thread in
+    an aborted session's exit was a stream's fetch thread still inside a collection it had started:
+    a multi-worker DataLoader iterator, left in a cycle by a test, joining its worker processes in
+    __del__ (test_dataloader_with_workers_is_refused_with_what_to_do now shuts them down itself)."""
+    settle_before_exit()

@@ -181,12 +181,26 @@ def test_dataloader_without_workers_yields_the_stream(client: AugmentClient) -> 
 
 
 def test_dataloader_with_workers_is_refused_with_what_to_do(client: AugmentClient) -> None:
+    """The loaders' iterators are gone when the test ends: left in cyclic garbage, an iterator's
+    __del__ joins worker processes in whatever thread collects next (a later stream's fetch
+    thread, even while the interpreter shuts down, where that thread is ended mid-join)."""
+    import gc
+
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
     loader = DataLoader(stream(client), batch_size=None, num_workers=2)
-    with pytest.raises(RuntimeError, match=r"num_workers=0"):
-        next(iter(loader))
+    it = iter(loader)
+    try:
+        with pytest.raises(RuntimeError, match=r"num_workers=0"):
+            next(it)
+    finally:
+        it._shutdown_workers()  # type: ignore[attr-defined]  # what its __del__ would do, here and now
+    del it, loader
     spawned = DataLoader(stream(client), batch_size=None, num_workers=1, multiprocessing_context="spawn")
     with pytest.raises(TypeError, match=r"DataLoader worker process"):
-        next(iter(spawned))
+        next(iter(spawned))  # refused while pickling the worker's arguments: no process started
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, _BaseDataLoaderIter)]
 
 
 def test_a_batch_outlives_its_closed_stream(client: AugmentClient) -> None:

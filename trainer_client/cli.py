@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -59,7 +58,7 @@ from .served_data import (
 )
 from .stream import AugmentedStream
 from .study import STUDY_CONTROLLER
-from .train import Callback, TrainConfig, fit, quiet, resolve_device
+from .train import Callback, TrainConfig, fit, quiet, resolve_device, settle_before_exit
 from .world import World
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "augsvc" / "examples" / "digits.yaml"
@@ -388,11 +387,7 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
     try:
         return cmd_train(args, callbacks)
     finally:
-        # Free cyclic garbage (tensors among it) while the interpreter is whole: a daemon thread
-        # that starts a collection during shutdown frees tensors there, and is ended by pthread_exit
-        # inside torch's C++ destructor, which aborts the process ("terminate called without an
-        # active exception"; seen in a core dump of the test session, once in a DDP rank's exit).
-        gc.collect()
+        settle_before_exit()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ every epoch's row, to which they may add columns.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -51,8 +53,8 @@ from .reporting import METRIC_KEYS, format_row, plot_curves, write_metrics
 from .world import World
 
 __all__ = ["METRIC_KEYS", "Batch", "Callback", "GapReport", "History", "OverfitMonitor", "StepEvent", "TrainConfig",
-           "TrainEpoch", "ValData", "evaluate", "fit", "penalized_weights", "resolve_device", "training_loss",
-           "weight_stats"]
+           "TrainEpoch", "ValData", "evaluate", "fit", "penalized_weights", "resolve_device", "settle_before_exit",
+           "training_loss", "weight_stats"]
 
 Batch = Sequence[torch.Tensor]
 """(images uint8 [N, C, H, W], labels int64 [N], *extra): extra items (sample ids) are ignored,
@@ -472,6 +474,21 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     for callback in callbacks:
         callback.on_train_end(history)
     return history
+
+
+def settle_before_exit() -> None:
+    """Call last in a process that trained: leaves no Python thread that runs or wakes while the
+    interpreter shuts down, and no cyclic garbage for one to free. A daemon thread that starts a
+    garbage collection during finalization and frees a tensor there releases the GIL, is ended by
+    pthread_exit on taking it back, and the unwind through torch's C++ destructor aborts the process
+    ("terminate called without an active exception": core dumps of the test session, 2026-11-26,
+    and a stream's fetch thread caught inside such a collection on 2026-11-27; once in a DDP rank)."""
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name.startswith("augsvc-fetch-"):  # a stopped stream's fetch thread still ending
+            thread.join(timeout=10)
+    if tqdm.monitor is not None:  # tqdm's daemon monitor wakes every 10 s once a bar was made
+        tqdm.monitor.exit()
 
 
 def quiet(*_args: Any, **_kwargs: Any) -> None:
