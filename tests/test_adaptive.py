@@ -215,3 +215,49 @@ def test_experiment_adaptive_runs_the_study_with_its_own_options(form: list[str]
     monkeypatch.setattr(trainer_client.study, "main", lambda argv: seen.append(list(argv)) or 7)
     assert main(["--out", "x", *form, "--quick"]) == 7
     assert seen == [["--out", "x", "--quick"]]
+
+
+class _RecordingStream:
+    """Stands in for an AugmentedStream: records what each epoch was asked to send, yields clean batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels, self.sent = images, labels, []
+
+    def set_epoch(self, epoch: int, *, strength: float, class_strength: list[float] | None) -> None:
+        self.sent.append((epoch, strength, class_strength))
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for start in range(0, len(self.images), 32):
+            yield self.images[start:start + 32], self.labels[start:start + 32], None
+
+
+@pytest.mark.parametrize("arm_name", ["fixed 0.50", "fixed 0.125", "adaptive per class"])
+def test_study_top_scales_what_each_arm_sends(arm_name: str) -> None:
+    """--top t sends t * s: the study's spec with every magnitude scaled by t (the arm's own s, in the
+    trace and the controller, stays in [0, 1])."""
+    from dataclasses import replace
+
+    from trainer_client.study import Digits, StudyConfig, run_arm, study_arms
+
+    labels = torch.arange(10).repeat(60)
+    images = torch.randint(0, 256, (600, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    streams: list[_RecordingStream] = []
+
+    def make_stream(ids: np.ndarray, seed: int) -> _RecordingStream:
+        streams.append(_RecordingStream(images[torch.as_tensor(ids)], labels[torch.as_tensor(ids)]))
+        return streams[-1]
+
+    digits = Digits(images, labels, make_stream)
+    arm = next(a for a in study_arms((0.0, 0.125, 0.5)) if a.name == arm_name)
+    split = study_split(labels.numpy(), (10,), 20, seed=0)
+    config = replace(StudyConfig(sizes=(10,), seeds=(0,), steps=12, interval=1, width=8, depth=1), top=0.4,
+                     controller=ControllerSettings(gap="loss", target=-10.0, step=0.25, start=0.25))  # always up
+    result = run_arm(arm, 10, 0, split, digits, config)
+    sent = streams[0].sent
+    assert result["steps"] == 12 and len(sent) == 3  # 100 images: 4 batches an epoch
+    for (epoch, strength, classes), (_step, s) in zip(sent, result["trace"], strict=True):
+        if arm.per_class:
+            assert strength == pytest.approx(0.4) and classes == pytest.approx([0.4 * v for v in s])
+            assert s == [0.25 * (1 + epoch)] * 10  # 0.25, 0.5, 0.75: the controller moved every class
+        else:
+            assert strength == pytest.approx(0.4 * arm.value) and classes is None and s == arm.value

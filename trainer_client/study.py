@@ -35,7 +35,7 @@ from .adaptive import GAP_METRICS, ControllerSettings, StrengthController, clean
 from .model import RegularizedCNN
 from .train import TrainConfig, _make_optimizer, training_loss
 
-__all__ = ["ARMS", "STUDY_SPEC", "Arm", "StudyConfig", "Digits", "report", "run_study", "study_split"]
+__all__ = ["ARMS", "STUDY_SPEC", "Arm", "study_arms", "StudyConfig", "Digits", "report", "run_study", "study_split"]
 
 NUM_CLASSES = 10
 #: Pixel mean/std of the built-in digits at 32x32 (the model's normalization).
@@ -69,8 +69,16 @@ FIXED = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: The controller's settings, fixed before the study on the validation sets of calibration seeds
 #: 100 and 101 (README: "Augmentation that follows the overfitting signal").
 STUDY_CONTROLLER = ControllerSettings(gap="ratio", target=0.9, step=0.05, start=0.0)
-ARMS: tuple[Arm, ...] = (*(Arm(f"fixed {s:.2f}", "fixed", s) for s in FIXED), Arm("ramp", "ramp"),
-                         Arm("adaptive", "adaptive"), Arm("adaptive per class", "adaptive", per_class=True))
+
+
+def study_arms(fixed: Sequence[float] = FIXED) -> tuple[Arm, ...]:
+    """The fixed arms of grid `fixed`, the ramp and the two controllers."""
+    names = (f"fixed {s:.2f}" if round(s, 2) == s else f"fixed {s:.3f}" for s in fixed)
+    return (*(Arm(name, "fixed", s) for name, s in zip(names, fixed, strict=True)), Arm("ramp", "ramp"),
+            Arm("adaptive", "adaptive"), Arm("adaptive per class", "adaptive", per_class=True))
+
+
+ARMS = study_arms()
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,9 @@ class StudyConfig:
     width: int = 32
     depth: int = 3
     dropout: float = 0.3
+    #: The strength of STUDY_SPEC that s = 1 sends: every arm's s (and each class's) goes out as
+    #: top * s, which is STUDY_SPEC with its magnitudes scaled by `top` (each rule is linear in s).
+    top: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,8 @@ def run_arm(arm: Arm, size: int, seed: int, split: StudySplit, digits: Digits, c
             if controller:
                 strength = controller.global_strength
             trace.append((step, class_strength if class_strength is not None else strength))
-            stream.set_epoch(epoch, strength=strength, class_strength=class_strength)
+            stream.set_epoch(epoch, strength=config.top * strength,
+                             class_strength=class_strength and [config.top * c for c in class_strength])
             model.train()
             for images, labels, _ids in stream:
                 loss = training_loss(model(images), labels, [], train_config)
@@ -383,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 100], help="training images per class")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (every arm, every size)")
     p.add_argument("--arms", nargs="+", help="run only these arms (names as in the report)")
+    p.add_argument("--fixed", type=float, nargs="+", default=list(FIXED), help="the fixed arms' strengths")
+    p.add_argument("--top", type=float, default=1.0,
+                   help="the strength of the study's spec that s=1 sends (each arm sends top * s)")
     p.add_argument("--target", type=float, default=STUDY_CONTROLLER.target, help="controller: the clean gap to keep")
     p.add_argument("--step", type=float, default=STUDY_CONTROLLER.step, help="controller: strength change per update")
     p.add_argument("--start", type=float, default=STUDY_CONTROLLER.start,
@@ -396,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (1: a small CNN's steps gain nothing from more, and runs can go side by side)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    arms = tuple(a for a in ARMS if not args.arms or a.name in args.arms)
+    if not all(0.0 <= v <= 1.0 for v in [*args.fixed, args.top]):
+        p.error("--fixed and --top: strengths are in [0, 1]")
+    arms = tuple(a for a in study_arms(args.fixed) if not args.arms or a.name in args.arms)
     config = StudyConfig(sizes=tuple(args.sizes), seeds=tuple(args.seeds), steps=args.steps, arms=arms,
-                         interval=args.interval,
+                         interval=args.interval, top=args.top,
                          controller=ControllerSettings(target=args.target, step=args.step, start=args.start,
                                                        gap=args.gap))
     if args.quick:
