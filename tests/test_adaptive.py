@@ -171,7 +171,7 @@ def test_strength_callback_schedules_and_checkpoint() -> None:
     def make() -> StrengthCallback:
         controller = StrengthController(ControllerSettings(gap="ratio", target=0.9, step=0.1, start=0.3))
         return StrengthCallback(parse_strength("adaptive"), epochs=5, controller=controller,
-                                measure=lambda: gaps(next(script)))
+                                measure=lambda _val_sums: gaps(next(script)))
 
     whole, used = make(), []
     for epoch in range(1, 6):

@@ -213,6 +213,43 @@ def test_fit_accepts_callable_val_data() -> None:
     assert as_batches.rows[0]["val_acc"] == as_pair.rows[0]["val_acc"]
 
 
+def test_fit_hands_each_validation_pass_per_class_to_callbacks() -> None:
+    """fit(num_classes=K): callbacks get the epoch's validation sums per class (on_validation, once,
+    before on_epoch_end), the very pass the row's val_loss/val_acc come from (one pass, not two)."""
+    from trainer_client.train import Callback, class_sums, loss_and_accuracy
+
+    images, labels = halves_data(64, seed=0)
+    val_images, val_labels = halves_data(40, seed=1)
+    passes: list[int] = []
+
+    def val_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        passes.append(1)
+        yield from zip(val_images.split(16), val_labels.split(16), strict=True)
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, object]] = []
+
+        def on_validation(self, sums: np.ndarray) -> None:
+            self.events.append(("val", sums.copy()))
+
+        def on_epoch_end(self, row: dict[str, float]) -> None:
+            self.events.append(("row", dict(row)))
+
+    recorder, model = Recorder(), tiny_model()
+    history = fit(model, as_epochs(images, labels), val_batches, quiet(epochs=2), log=lambda _: None,
+                  callbacks=[recorder], num_classes=2)
+    assert [kind for kind, _ in recorder.events] == ["val", "row", "val", "row"] and len(passes) == 2
+    for (_, sums), (_, row) in zip(recorder.events[::2], recorder.events[1::2], strict=True):
+        assert isinstance(sums, np.ndarray) and isinstance(row, dict) and sums.shape == (3, 2)
+        assert sums[2].tolist() == [float((val_labels == c).sum()) for c in (0, 1)]  # counts per class
+        assert loss_and_accuracy(sums) == pytest.approx((row["val_loss"], row["val_acc"]))
+    # the best epoch's pass scored the weights fit leaves in the model: the same sums again
+    last = recorder.events[2 * (history.best_epoch - 1)][1]
+    assert np.allclose(class_sums(model, (val_images, val_labels), num_classes=2), last)
+    assert evaluate(model, (val_images, val_labels)) == pytest.approx(loss_and_accuracy(last))
+
+
 def test_early_stopping_stops_and_restores_best_weights(tmp_path: Path) -> None:
     # Validation has the same images as training with the labels swapped: the better the model
     # learns the training labels, the higher the validation loss, so it must stop early.

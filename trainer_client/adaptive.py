@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .train import Callback
+from .train import Callback, class_sums
+from .world import World
 
 __all__ = ["ClassGaps", "ControllerSettings", "StrengthCallback", "StrengthController", "StrengthSchedule",
-           "clean_gaps", "parse_strength", "stratified_subset"]
+           "clean_gaps", "gaps_from_sums", "parse_strength", "stratified_subset"]
 
 GAP_METRICS = ("loss", "ratio", "acc")
 
@@ -144,78 +144,55 @@ def parse_strength(text: str) -> StrengthSchedule:
     return StrengthSchedule("fixed", value)
 
 
-@dataclass
-class _Sums:
-    loss: np.ndarray
-    correct: np.ndarray
-    count: np.ndarray
-
-
 #: Batches as a stream yields them: (images, labels), (images, labels, ids), or with a fourth
 #: element, the mask of real (not padding) samples.
 Batches = Iterable[Sequence[torch.Tensor]]
 
 
-@torch.no_grad()
-def _per_class(model: nn.Module, batches: Batches, num_classes: int, device: torch.device) -> _Sums:
-    sums = _Sums(np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes))
-    for batch in batches:
-        x, y = batch[0], batch[1]
-        if len(batch) > 3:  # drop padding
-            real = batch[3].bool()
-            x, y = x[real], y[real]
-        logits = model(x.to(device))
-        y = y.to(device)
-        yy = y.cpu().numpy()
-        np.add.at(sums.loss, yy, F.cross_entropy(logits, y, reduction="none").cpu().numpy())
-        np.add.at(sums.correct, yy, (logits.argmax(1) == y).cpu().numpy())
-        np.add.at(sums.count, yy, 1)
-    return sums
+def gaps_from_sums(train: np.ndarray, val: np.ndarray, gap: str = "loss") -> ClassGaps:
+    """The generalization gap from two `class_sums` ([3, K]: loss, correct, count per class) of
+    clean training images and of the validation set, overall and per class."""
+    (t_loss, t_correct, t_count), (v_loss, v_correct, v_count) = train, val
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if gap == "loss":
+            per_class = v_loss / v_count - t_loss / t_count
+            overall = v_loss.sum() / v_count.sum() - t_loss.sum() / t_count.sum()
+        elif gap == "ratio":
+            per_class = 1.0 - (t_loss / t_count) / (v_loss / v_count)
+            overall = 1.0 - (t_loss.sum() / t_count.sum()) / (v_loss.sum() / v_count.sum())
+        else:
+            per_class = t_correct / t_count - v_correct / v_count
+            overall = t_correct.sum() / t_count.sum() - v_correct.sum() / v_count.sum()
+    return ClassGaps(float(overall), per_class)
 
 
 def clean_gaps(model: nn.Module, train: Batches, val: Batches, *, num_classes: int, gap: str = "loss",
-               device: torch.device | None = None, reduce: Callable[[np.ndarray], np.ndarray] | None = None
-               ) -> ClassGaps:
+               device: torch.device | None = None, world: World | None = None) -> ClassGaps:
     """The generalization gap of `model` in eval mode: batches of clean training images `train`
-    against the validation batches `val`, overall and per class. reduce: adds the per-class sums
-    over the ranks of a distributed run (each measured its shards)."""
-    device = device if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        t = _per_class(model, train, num_classes, device)
-        v = _per_class(model, val, num_classes, device)
-    finally:
-        model.train(was_training)
-    if reduce is not None:
-        summed = reduce(np.stack([t.loss, t.correct, t.count, v.loss, v.correct, v.count]))
-        t, v = _Sums(*summed[:3]), _Sums(*summed[3:])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if gap == "loss":
-            per_class = v.loss / v.count - t.loss / t.count
-            overall = v.loss.sum() / v.count.sum() - t.loss.sum() / t.count.sum()
-        elif gap == "ratio":
-            per_class = 1.0 - (t.loss / t.count) / (v.loss / v.count)
-            overall = 1.0 - (t.loss.sum() / t.count.sum()) / (v.loss.sum() / v.count.sum())
-        else:
-            per_class = t.correct / t.count - v.correct / v.count
-            overall = t.correct.sum() / t.count.sum() - v.correct.sum() / v.count.sum()
-    return ClassGaps(float(overall), per_class)
+    against the validation batches `val`, overall and per class; with a distributed `world`, the
+    sums of every rank's shards."""
+    def sums(batches: Batches) -> np.ndarray:
+        return class_sums(model, batches, num_classes=num_classes, device=device, world=world)
+
+    return gaps_from_sums(sums(train), sums(val), gap)
 
 
 class StrengthCallback(Callback):
     """augsvc-train's --augment-strength: the strength each epoch trains at. "fixed" and "ramp"
     follow the schedule (the ramp goes 0 -> 1 from the first epoch to the last); "adaptive" asks
-    `measure()` for the clean gaps after each epoch and moves the controller. Adds the columns
-    `strength` (the epoch's) and, when adaptive, `clean_gap`; a checkpoint holds its state."""
+    `measure(val_sums)` for the clean gaps after each epoch — val_sums: the `class_sums` of the
+    epoch's validation pass, which `fit` hands over (on_validation), so the validation set is
+    scored once — and moves the controller. Adds the columns `strength` (the epoch's) and, when
+    adaptive, `clean_gap`; a checkpoint holds its state."""
 
     def __init__(self, schedule: StrengthSchedule, epochs: int, *, controller: StrengthController | None = None,
-                 measure: Callable[[], ClassGaps] | None = None) -> None:
+                 measure: Callable[[np.ndarray | None], ClassGaps] | None = None) -> None:
         if schedule.kind == "adaptive" and (controller is None or measure is None):
             raise ValueError("an adaptive strength needs a controller and a measure of the clean gap")
         self.schedule, self.epochs = schedule, epochs
         self.controller, self.measure = controller, measure
         self.epoch = 0  # the next epoch to train (0-based)
+        self.val_sums: np.ndarray | None = None  # this epoch's, from fit
 
     @property
     def strength(self) -> float:
@@ -228,10 +205,14 @@ class StrengthCallback(Callback):
     def class_strength(self) -> list[float] | None:
         return self.controller.class_strength if self.controller is not None else None
 
+    def on_validation(self, sums: np.ndarray) -> None:
+        self.val_sums = sums
+
     def on_epoch_end(self, row: dict[str, float]) -> None:
         row["strength"] = self.strength if self.class_strength is None else float(np.mean(self.class_strength))
         if self.controller is not None and self.measure is not None:
-            gaps = self.measure()
+            gaps = self.measure(self.val_sums)
+            self.val_sums = None
             self.controller.update(gaps, int(row["epoch"]))
             row["clean_gap"] = gaps.overall
         self.epoch = int(row["epoch"])

@@ -39,10 +39,10 @@ from .adaptive import (
     ControllerSettings,
     StrengthCallback,
     StrengthController,
-    clean_gaps,
+    gaps_from_sums,
     parse_strength,
 )
-from .checkpoint import all_reduce_sum, gather_objects, load_checkpoint
+from .checkpoint import gather_objects, load_checkpoint
 from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
@@ -58,7 +58,7 @@ from .served_data import (
 )
 from .stream import AugmentedStream
 from .study import STUDY_CONTROLLER
-from .train import Callback, TrainConfig, fit, quiet, resolve_device, settle_before_exit
+from .train import Callback, TrainConfig, class_sums, fit, quiet, resolve_device, settle_before_exit
 from .world import World
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "augsvc" / "examples" / "digits.yaml"
@@ -194,7 +194,7 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
         with stream, val_stream:
             history = fit(model, train_epoch, lambda: val_stream, config, world=world, data=stream,
                           stateful={"strength": strength} if strength is not None else None, callbacks=hooks,
-                          resume=args.resume)
+                          resume=args.resume, num_classes=info.num_classes)
     if not world.is_main:
         return 0
     best = history.best
@@ -211,9 +211,9 @@ def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spe
                       val_ids: Any, info: DatasetInfo, model: torch.nn.Module, epochs: int, world: World
                       ) -> StrengthCallback | None:
     """--augment-strength as a callback of `fit`. Adaptive: the clean gap is measured after each
-    epoch on a fixed subset of up to 512 training images and on the validation set, both through
-    the eval pipeline, each rank its shard; the per-class sums are added over the ranks, so every
-    rank sees the same gaps and takes the same decision."""
+    epoch on a fixed subset of up to 512 training images, through the eval pipeline, against the
+    validation pass `fit` just made (its per-class sums); each rank scores its shard and the sums
+    are added over the ranks, so every rank sees the same gaps and takes the same decision."""
     if args.augment_strength is None:
         return None
     schedule = parse_strength(args.augment_strength)
@@ -228,16 +228,14 @@ def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spe
         return AugmentedStream(client, args.dataset, clean_spec, batch_size=batch, seed=0, shuffle=False,
                                sample_ids=ids, rank=world.rank, world_size=world.world_size, with_mask=True)
 
-    train_clean, val_clean = clean(subset), clean(np.asarray(val_ids))
+    train_clean = clean(subset)
 
-    def add_over_ranks(sums: np.ndarray) -> np.ndarray:
-        return all_reduce_sum(torch.from_numpy(sums), world).numpy()
-
-    def measure() -> ClassGaps:
+    def measure(val_sums: np.ndarray | None) -> ClassGaps:
+        if val_sums is None or val_sums.shape[1] != info.num_classes:
+            raise RuntimeError("the adaptive strength needs fit(num_classes=...): per-class validation sums")
         train_clean.set_epoch(0)
-        val_clean.set_epoch(0)
-        return clean_gaps(model, train_clean, val_clean, num_classes=info.num_classes, gap=settings.gap,
-                          reduce=add_over_ranks)
+        train_sums = class_sums(model, train_clean, num_classes=info.num_classes, world=world)
+        return gaps_from_sums(train_sums, val_sums, settings.gap)
 
     return StrengthCallback(schedule, epochs, controller=StrengthController(settings, info.num_classes),
                             measure=measure)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .adaptive import GAP_METRICS, ControllerSettings, StrengthController, clean_gaps, stratified_subset
 from .model import RegularizedCNN
-from .train import TrainConfig, _make_optimizer, training_loss
+from .train import TrainConfig, _make_optimizer, class_sums, training_loss
 
 __all__ = ["ARMS", "STUDY_SPEC", "Arm", "study_arms", "StudyConfig", "Digits", "report", "run_study", "study_split"]
 
@@ -150,13 +150,8 @@ class Digits:
 
 def _accuracy(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, list[float]]:
     """Overall and per-class accuracy in eval mode."""
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(data[0][i:i + 512]).argmax(1) for i in range(0, len(data[0]), 512)])
-    hits = (predicted == data[1]).numpy()
-    labels = data[1].numpy()
-    per_class = [float(hits[labels == c].mean()) for c in range(NUM_CLASSES)]
-    return float(hits.mean()), per_class
+    _loss, correct, count = class_sums(model, data, num_classes=NUM_CLASSES)
+    return float(correct.sum() / count.sum()), (correct / count).tolist()
 
 
 def run_arm(arm: Arm, size: int, seed: int, split: StudySplit, digits: Digits, config: StudyConfig) -> dict[str, Any]:

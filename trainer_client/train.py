@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +55,7 @@ from .world import World
 
 __all__ = ["METRIC_KEYS", "Batch", "Callback", "GapReport", "History", "OverfitMonitor", "StepEvent", "TrainConfig",
            "TrainEpoch", "ValData", "evaluate", "fit", "penalized_weights", "resolve_device", "settle_before_exit",
+           "class_sums", "loss_and_accuracy",
            "training_loss", "weight_stats"]
 
 Batch = Sequence[torch.Tensor]
@@ -141,6 +143,10 @@ class Callback:
     def on_batch(self, event: StepEvent) -> None:
         """A batch was received; the step on it follows."""
 
+    def on_validation(self, sums: np.ndarray) -> None:
+        """The epoch's validation pass, before on_epoch_end: `class_sums` of the validation set,
+        per class when `fit` was given num_classes (else one column), summed over the ranks."""
+
     def on_epoch_end(self, row: dict[str, float]) -> None:
         """An epoch's row, before it is logged and written: keys added here become columns."""
 
@@ -199,40 +205,66 @@ def _split_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torc
 
 def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     """[sum of cross-entropy, correct, count] over the real samples of a batch, as float64 on its device."""
+    return _per_sample(logits, labels, real).sum(1)
+
+
+def _per_sample(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """[3, B] float64: each sample's cross-entropy, whether it was right, and its weight (0 for padding)."""
     losses = F.cross_entropy(logits, labels, reduction="none")
     hits = (logits.argmax(1) == labels).to(losses.dtype)
     weight = torch.ones_like(losses) if real is None else real.to(losses.dtype)
-    return torch.stack([(losses * weight).sum(), (hits * weight).sum(), weight.sum()]).double()
+    return torch.stack([losses * weight, hits * weight, weight]).double()
 
 
-def _val_batches(val_data: ValData, batch_size: int) -> Iterator[Batch]:
+def _val_batches(val_data: ValData | Iterable[Batch], batch_size: int) -> Iterator[Batch]:
+    """(images, labels) tensors in slices of batch_size; a callable's batches; or an iterable's."""
     if callable(val_data):
         yield from val_data()
         return
-    images, labels = val_data
-    if len(images) != len(labels):
-        raise ValueError(f"val_data: {len(images)} images but {len(labels)} labels")
-    for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size], labels[start:start + batch_size]
+    if isinstance(val_data, tuple) and len(val_data) == 2 and isinstance(val_data[0], torch.Tensor):
+        images, labels = val_data
+        if len(images) != len(labels):
+            raise ValueError(f"val_data: {len(images)} images but {len(labels)} labels")
+        for start in range(0, len(images), batch_size):
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+        return
+    yield from val_data
 
 
 @torch.no_grad()
+def class_sums(model: nn.Module, data: ValData | Iterable[Batch], *, num_classes: int | None = None,
+               device: torch.device | None = None, batch_size: int = 512, world: World | None = None) -> np.ndarray:
+    """The evaluation pass every score here comes from: `model` in eval mode over the real samples
+    of `data` ((images, labels) tensors, a callable returning batches, or batches), plain
+    cross-entropy. Returns float64 [3, K]: summed loss, correct predictions and count, per class
+    (K = num_classes) or for all together (K = 1); with a distributed `world`, over every rank's shard."""
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, num_classes or 1, dtype=torch.float64, device=device)
+    try:
+        for batch in DeviceFeed(_val_batches(data, batch_size), device):
+            images, labels, real = _split_batch(batch, device)
+            column = labels if num_classes else torch.zeros_like(labels)
+            sums.index_add_(1, column, _per_sample(model(images), labels, real))
+    finally:
+        model.train(was_training)
+    return all_reduce_sum(sums, world or World()).cpu().numpy()
+
+
+def loss_and_accuracy(sums: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy from `class_sums` (all classes together)."""
+    loss_sum, correct, count = sums.sum(1).tolist()
+    if count == 0:
+        raise ValueError("val_data: yielded no samples")
+    return loss_sum / count, correct / count
+
+
 def evaluate(model: nn.Module, val_data: ValData, *, device: torch.device | None = None,
              batch_size: int = 512, world: World | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` in eval mode (plain CE, no smoothing) over the
     real samples of `val_data`; with a distributed `world`, over every rank's shard."""
-    device = device if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for batch in DeviceFeed(_val_batches(val_data, batch_size), device):
-        images, labels, real = _split_batch(batch, device)
-        sums += _batch_sums(model(images), labels, real)
-    model.train(was_training)
-    loss_sum, correct, count = all_reduce_sum(sums, world or World()).tolist()
-    if count == 0:
-        raise ValueError("val_data: yielded no samples")
-    return loss_sum / count, correct / count
+    return loss_and_accuracy(class_sums(model, val_data, device=device, batch_size=batch_size, world=world))
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -369,7 +401,7 @@ class _Run:
 def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: TrainConfig, *,
         log: Callable[[str], None] = print, world: World | None = None, data: Stateful | None = None,
         stateful: Mapping[str, Stateful] | None = None, callbacks: Sequence[Callback] = (),
-        resume: Path | str | None = None) -> History:
+        resume: Path | str | None = None, num_classes: int | None = None) -> History:
     """Train `model`, validating after every epoch; returns the History, best weights restored.
 
     train_epoch(e) yields the batches of epoch e (e is 0-based, as the data stream counts; rows
@@ -384,7 +416,9 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     object behind train_epoch's batches whose state_dict() is the data's position (an
     AugmentedStream): saved in checkpoints and restored on resume; without it a resumed epoch
     skips the batches already trained. stateful: more objects a checkpoint holds (by name).
-    resume: a checkpoint.pt to continue from, exactly where it was written.
+    resume: a checkpoint.pt to continue from, exactly where it was written. num_classes: the
+    validation pass also sums per class, for callbacks' on_validation (the adaptive strength's
+    clean gap uses it instead of a second pass).
     """
     world = world if world is not None else World.discover()
     device = resolve_device(config.device)
@@ -433,7 +467,10 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - start
-            val_loss, val_acc = evaluate(model, val_data, device=device, world=world)
+            val_sums = class_sums(model, val_data, num_classes=num_classes, device=device, world=world)
+            val_loss, val_acc = loss_and_accuracy(val_sums)
+            for callback in callbacks:
+                callback.on_validation(val_sums)
             gap = run.monitor.update(epoch, train_loss, train_acc, val_loss, val_acc)
             row: dict[str, float] = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
