@@ -77,10 +77,11 @@ def test_ddp_through_the_stream_with_an_odd_batch_count(target: str, tmp_path: P
 
 def train_args(target: str, out: Path) -> list[str]:
     """A small 2-rank run: 400 training digits in batches of 32 are 13 batches an epoch (7 per
-    rank, one padded), 3 epochs, a checkpoint every 2 steps."""
+    rank, one padded), 3 epochs, a checkpoint every 2 steps; the strength per class follows the
+    clean gap (each rank scores its shards, the sums are added over the ranks)."""
     return ["--server", target, "--out", str(out), "--epochs", "3", "--train-size", "400", "--val-fraction", "0.1",
             "--batch-size", "32", "--width", "8", "--depth", "2", "--patience", "10", "--checkpoint-every", "2",
-            "--no-progress"]
+            "--augment-strength", "adaptive", "--strength-per-class", "--strength-start", "0.5", "--no-progress"]
 
 
 def trace(folder: Path, rank: int) -> list[dict[str, Any]]:
@@ -118,8 +119,9 @@ def test_ddp_training_killed_mid_epoch_resumes_exactly(target: str, tmp_path: Pa
         assert torch.equal(got["model_state"][key], value), key
     rows = [[json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
             for run in (whole, crashed)]
-    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l2_norm", "lr")
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l2_norm", "lr", "strength", "clean_gap")
     assert [[r[k] for k in keys] for r in rows[1]] == [[r[k] for k in keys] for r in rows[0]]
+    assert rows[0][0]["strength"] == 0.5 and len({r["strength"] for r in rows[0]}) > 1  # the controller moved
 
 
 def test_nproc_starts_one_embedded_server_for_the_node(tmp_path: Path) -> None:
