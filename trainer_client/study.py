@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .adaptive import GAP_METRICS, ControllerSettings, StrengthController, clean_gaps, stratified_subset
 from .model import RegularizedCNN
-from .train import TrainConfig, _make_optimizer, class_sums, training_loss
+from .train import TrainConfig, class_sums, make_optimizer, training_loss
 
 __all__ = ["ARMS", "STUDY_SPEC", "Arm", "study_arms", "StudyConfig", "Digits", "report", "run_study", "study_split"]
 
@@ -169,7 +169,7 @@ def run_arm(arm: Arm, size: int, seed: int, split: StudySplit, digits: Digits, c
         model = RegularizedCNN(1, NUM_CLASSES, width=config.width, depth=config.depth, dropout=config.dropout,
                                mean=DIGITS_MEAN, std=DIGITS_STD, seed=seed)
         train_config = TrainConfig(lr=config.lr, weight_decay=config.weight_decay, progress=False)
-        optimizer = _make_optimizer(model, train_config)
+        optimizer = make_optimizer(model, train_config)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps)
         step, epoch, last_update = 0, 0, 0
         strength = arm.value if arm.kind == "fixed" else 0.0  # a controller's comes from it, below

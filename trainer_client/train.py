@@ -54,9 +54,8 @@ from .reporting import METRIC_KEYS, format_row, plot_curves, write_metrics
 from .world import World
 
 __all__ = ["METRIC_KEYS", "Batch", "Callback", "GapReport", "History", "OverfitMonitor", "StepEvent", "TrainConfig",
-           "TrainEpoch", "ValData", "evaluate", "fit", "penalized_weights", "resolve_device", "settle_before_exit",
-           "class_sums", "loss_and_accuracy",
-           "training_loss", "weight_stats"]
+           "TrainEpoch", "ValData", "class_sums", "evaluate", "fit", "loss_and_accuracy", "make_optimizer",
+           "penalized_weights", "resolve_device", "settle_before_exit", "training_loss", "weight_stats"]
 
 Batch = Sequence[torch.Tensor]
 """(images uint8 [N, C, H, W], labels int64 [N], *extra): extra items (sample ids) are ignored,
@@ -267,7 +266,9 @@ def evaluate(model: nn.Module, val_data: ValData, *, device: torch.device | None
     return loss_and_accuracy(class_sums(model, val_data, device=device, batch_size=batch_size, world=world))
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """`config.optimizer` (AdamW or SGD with Nesterov momentum) at `config.lr`, with weight decay
+    on the penalized weights only (not biases or batch-norm parameters)."""
     decay = penalized_weights(model)
     decay_ids = {id(p) for p in decay}
     rest = [p for p in model.parameters() if id(p) not in decay_ids]
@@ -423,7 +424,7 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     world = world if world is not None else World.discover()
     device = resolve_device(config.device)
     model.to(device)
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                  if config.lr_schedule == "cosine" else None)
     run = _Run(model, model, optimizer, scheduler, OverfitMonitor(config.gap_warn_epochs), config, device, world,
