@@ -330,6 +330,47 @@ def test_dockerfile_entrypoint_healthcheck_and_environment() -> None:
     assert any(line.startswith("EXPOSE") and "50051" in line for line in worker)
 
 
+def from_chain(stages: dict[str, list[str]], name: str) -> list[str]:
+    """A stage and those it is built FROM (not COPY --from): whose files its image holds."""
+    chain = []
+    while name in stages and name not in chain:
+        chain.append(name)
+        name = stages[name][0].split()[1]
+    return chain
+
+
+def apt_packages(lines: list[str]) -> set[str]:
+    """The packages the `apt-get install` commands of these instructions name."""
+    found: set[str] = set()
+    for line in lines:
+        for command in line.split("&&"):
+            words = command.split()
+            if "apt-get" in words and "install" in words:
+                found |= {w for w in words[words.index("install") + 1:] if not w.startswith(("-", "$"))}
+    return found
+
+
+def test_dockerfile_ships_the_region_module_without_a_compiler() -> None:
+    """Both images decode JPEG regions (the optional C module): it is compiled in the wheel stage,
+    which alone holds a compiler and headers, and a build fails rather than ship the slower fallback."""
+    stages = dockerfile_stages()
+    wheel = stages["wheel"]
+    assert {"gcc", "libjpeg62-turbo-dev"} <= apt_packages(wheel)
+    built = next(i for i, line in enumerate(wheel) if "pip wheel" in line)
+    assert "augsvc/datasets/_jpegregion" in " ".join(wheel[built:]), "the wheel stage checks the wheel holds the module"
+    for target in ("worker", "trainer"):
+        chain = from_chain(stages, target)
+        packages = set().union(*(apt_packages(stages[stage]) for stage in chain))
+        assert "wheel" not in chain and "libjpeg62-turbo" in packages, target
+        assert not {p for p in packages if p.endswith("-dev") or p.startswith(("gcc", "build-essential"))}, target
+        assert any(line.startswith("RUN") and "regions_available()" in line for line in stages[target]), target
+    for line in (line for stage in stages.values() for line in stage):
+        if "apt-get install" in line:
+            assert "--no-install-recommends" in line and "rm -rf /var/lib/apt/lists" in line, line
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "!setup.py" in ignore, "setup.py (which builds the module) must be in the build context: .dockerignore"
+
+
 def test_dockerignore_keeps_the_context_small() -> None:
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
