@@ -343,3 +343,41 @@ def test_damage_below_every_crop_fails_the_sample_in_every_epoch(tmp_path: Path,
             assert reader.region_decodes == 5  # the good file, after its first decode
         finally:
             reader.close()
+
+
+def _with_thumbnail(data: bytes, thumbnail: bytes) -> bytes:
+    """`data` with an APP1 segment right after SOI holding another JPEG (as EXIF holds a thumbnail)."""
+    payload = b"Exif\x00\x00" + thumbnail
+    return data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+@needs_module
+@pytest.mark.parametrize("restart", [0, 2])
+def test_bytes_after_the_end_marker_are_left_out_and_truncation_still_refused(restart: int) -> None:
+    """A "motion photo" (a video after the JPEG's end marker, itself holding FF D9) decodes by
+    region to the full decode's bytes; a thumbnail's end marker in APP1 is not taken for the
+    file's; a file cut anywhere after its header has no end marker and is left to the full decode."""
+    from augsvc.datasets.decode import through_end_marker
+
+    image = photo(70, 90, 11)
+    plain = _with_thumbnail(encode(image, "420", restart), encode(photo(16, 16, 1), "444"))
+    trailer = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xd9\x00\xff\xd9" + bytes(range(256)) * 4
+    motion = plain + trailer
+    assert through_end_marker(plain) is plain
+    assert bytes(through_end_marker(motion)) == plain  # type: ignore[arg-type]
+    assert bytes(through_end_marker(memoryview(motion))) == plain  # type: ignore[arg-type]
+    header = probe(motion)
+    full = decode(motion, header, 3)
+    np.testing.assert_array_equal(full, decode(plain, probe(plain), 3))
+    for box in [(0, 0, 90, 70), (13, 20, 61, 55), (40, 50, 90, 70)]:
+        out = np.zeros((70, 90, 4), np.uint8)
+        assert decode_region(motion, header, 1, out, box)
+        x0, y0, x1, y1 = box
+        np.testing.assert_array_equal(out[y0:y1, x0:x1, :3], full[y0:y1, x0:x1])
+    sos = plain.index(b"\xff\xda")
+    for cut in (sos + 4, sos + 40, len(plain) // 2, len(plain) - 2, len(plain) - 1):
+        truncated = plain[:cut]
+        assert through_end_marker(truncated) is None, cut
+        assert not decode_region(truncated, header, 1, np.zeros((70, 90, 4), np.uint8), (13, 20, 61, 55))
+    broken = plain[:sos] + b"\x00" + plain[sos:] + trailer  # no marker where one must be: not walked past
+    assert through_end_marker(broken) is None

@@ -50,7 +50,7 @@ except ImportError:  # not built here (no compiler or libjpeg headers): images d
     _jpegregion = None
 
 __all__ = ["DCT_SCALES", "JPEG_DECODER", "REGION_DECODER", "DecodeFailed", "DecodeSize", "Header", "TooManyPixels",
-           "dct_scale", "decode", "decode_images", "decode_region", "probe"]
+           "dct_scale", "decode", "decode_images", "decode_region", "probe", "through_end_marker"]
 
 log = logging.getLogger(__name__)
 
@@ -193,16 +193,49 @@ def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.
     3, or 1 for gray). Inside the rectangle the bytes are those of a full decode; outside it, `out`
     holds anything. False, with nothing decoded, when this path does not take the image (a PNG, a
     progressive or CMYK JPEG, data without an end marker such as a truncated file's, or no
-    `_jpegregion` here): decode it whole. DecodeFailed for data libjpeg-turbo refuses."""
+    `_jpegregion` here): decode it whole. DecodeFailed for data libjpeg-turbo refuses. Bytes after
+    the end marker (a phone's "motion photo" video) are left out, as a full decode ignores them."""
     h, w, depth = out.shape
     x0, y0, x1, y1 = box
     if (header.format != JPEG or not out.flags.c_contiguous or not out.flags.writeable
             or not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h) or not regions_available()):
         return False
+    jpeg = through_end_marker(data)
+    if jpeg is None:
+        return False
     try:
-        return bool(_jpegregion.decode_region(data, out, h, w, depth, scale, x0, y0, x1, y1))
+        return bool(_jpegregion.decode_region(jpeg, out, h, w, depth, scale, x0, y0, x1, y1))
     except ValueError as exc:
         raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+
+
+def through_end_marker(data: bytes | memoryview) -> bytes | memoryview | None:
+    """A JPEG's bytes through its end-of-image marker (FF D9): `data` itself when it ends with one;
+    for a file with bytes after it, the part before them; None when it has none (a truncated file).
+    The marker is the first FF D9 after the first start-of-scan segment: segments before it are
+    skipped by their lengths (an APP1 segment may hold a thumbnail with its own end marker), and
+    entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart marker; the
+    markers between the scans of a multi-scan file are others)."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n >= 4 and view[n - 2] == 0xFF and view[n - 1] == 0xD9:
+        return data
+    pos = 2  # after SOI
+    while pos + 4 <= n:
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        elif marker == 0xDA:
+            start = pos + 2 + (view[pos + 2] << 8 | view[pos + 3])
+            end = (data if isinstance(data, bytes) else view.tobytes()).find(b"\xff\xd9", start)
+            return None if end < 0 else view[:end + 2]
+        else:
+            pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
+    return None
 
 
 def regions_available() -> bool:
