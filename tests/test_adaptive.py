@@ -261,3 +261,22 @@ def test_study_top_scales_what_each_arm_sends(arm_name: str) -> None:
             assert s == [0.25 * (1 + epoch)] * 10  # 0.25, 0.5, 0.75: the controller moved every class
         else:
             assert strength == pytest.approx(0.4 * arm.value) and classes is None and s == arm.value
+
+
+def test_a_study_folder_refuses_runs_with_other_settings(tmp_path: Path) -> None:
+    """Resuming may add seeds, sizes or arms; another --top (or steps, controller, ...) would mix
+    runs of two studies in one summary, so the folder refuses before running anything."""
+    from dataclasses import replace
+
+    from trainer_client.study import Digits, StudyConfig, run_study
+
+    def no_stream(ids: np.ndarray, seed: int) -> None:
+        raise AssertionError("nothing may run")
+
+    digits = Digits(torch.zeros((0, 1, 32, 32), dtype=torch.uint8), torch.zeros(0, dtype=torch.long), no_stream)
+    config = StudyConfig(sizes=(), seeds=())
+    assert run_study(tmp_path, digits, config) == 0  # writes config.json
+    assert run_study(tmp_path, digits, replace(config, seeds=(), sizes=(), arms=())) == 0
+    for changed in (replace(config, top=0.5), replace(config, steps=10)):
+        with pytest.raises(ValueError, match="other settings"):
+            run_study(tmp_path, digits, changed)

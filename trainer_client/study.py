@@ -203,7 +203,7 @@ def run_arm(arm: Arm, size: int, seed: int, split: StudySplit, digits: Digits, c
         with torch.no_grad():
             model.eval()
             train_loss = float(F.cross_entropy(model(clean_train[0]), clean_train[1]))
-    return {"arm": arm.name, "size": size, "seed": seed, "steps": step, "epochs": epoch,
+    return {"arm": arm.name, "size": size, "seed": seed, "top": config.top, "steps": step, "epochs": epoch,
             "test_acc": test_acc, "test_worst_class": min(test_per_class), "test_per_class": test_per_class,
             "val_acc": val_acc, "clean_train_loss": train_loss, "trace": trace,
             "seconds": time.perf_counter() - started}
@@ -215,9 +215,17 @@ def _result_path(out: Path, size: int, seed: int, arm: Arm) -> Path:
 
 def run_study(out: Path, digits: Digits, config: StudyConfig, *, log: Callable[[str], None] = print) -> int:
     """Every (size, seed, arm) run not yet in `out`, seeds in order (so an early stop leaves whole
-    seeds); returns how many ran now."""
+    seeds); returns how many ran now. ValueError, running nothing, when `out` holds runs made with
+    other settings than `config` (only the seeds, sizes and arms may differ)."""
+    settings = json.loads(json.dumps(_jsonable(config)))
+    if (out / "config.json").exists():
+        before = json.loads((out / "config.json").read_text())
+        changed = [k for k in settings if k not in ("seeds", "sizes", "arms") and before.get(k) != settings[k]]
+        if changed:  # its runs would be summarized with these
+            raise ValueError(f"{out}: its runs were made with other settings ({', '.join(changed)}); "
+                             "use another --out")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+    (out / "config.json").write_text(json.dumps(settings, indent=2))
     ran = 0
     for seed in config.seeds:
         split = study_split(digits.labels.numpy(), config.sizes, config.val_per_class, seed)
@@ -313,7 +321,9 @@ def report(out: Path, config: StudyConfig) -> dict[str, Any]:
     results = _load(out)
     summary = summarize(results, config)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"# Adaptive augmentation study ({len(results)} runs)", ""]
+    lines = [f"# Adaptive augmentation study ({len(results)} runs)", "",
+             f"Strength s = 1 sends {' / '.join(f'{t:g}' for t in sorted({r.get('top', 1.0) for r in results}))}"
+             " x the study spec's magnitudes (--top).", ""]
     for size, data in summary["sizes"].items():
         seeds = summary["complete_seeds"][size]
         lines += [f"## {size} training images per class ({len(seeds)} seeds: {seeds})", "",
