@@ -3,12 +3,12 @@ tensor is left in cyclic garbage for a daemon thread to free while the interpret
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from augsvc.shm import sweep_stale_segments
-from trainer_client.train import settle_before_exit
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,8 +21,11 @@ def no_segments_left_behind() -> Iterator[None]:
 
 
 def pytest_sessionfinish() -> None:
-    """The session ends as augsvc-train does (see settle_before_exit). On 2026-11-27 the thread in
-    an aborted session's exit was a stream's fetch thread still inside a collection it had started:
-    a multi-worker DataLoader iterator, left in a cycle by a test, joining its worker processes in
+    """The session ends as augsvc-train does (trainer_client.train.settle_before_exit), where the
+    trainer was imported (the service's tests need no torch). On 2026-11-27 the thread in an
+    aborted session's exit was a stream's fetch thread still inside a collection it had started: a
+    multi-worker DataLoader iterator, left in a cycle by a test, joining its worker processes in
     __del__ (test_dataloader_with_workers_is_refused_with_what_to_do now shuts them down itself)."""
-    settle_before_exit()
+    train = sys.modules.get("trainer_client.train")
+    if train is not None:
+        train.settle_before_exit()

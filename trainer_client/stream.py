@@ -93,6 +93,8 @@ WORKERS_REFUSED = (
 
 #: What the default prefetch may hold: as many batches as fit, between 4 and 32.
 PREFETCH_BYTES = 256 << 20
+#: The name of every fetch thread starts with this (see train.settle_before_exit).
+FETCH_THREAD_PREFIX = "augsvc-fetch-"
 
 
 def default_prefetch(batch_bytes: int | None) -> int:
@@ -573,7 +575,7 @@ class _Fetcher:
         self.stopped = False
         self.cond = threading.Condition()
         self.calls: list[Any] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True, name=f"augsvc-fetch-{i}")
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True, name=f"{FETCH_THREAD_PREFIX}{i}")
                         for i in range(min(stream.streams, max(1, len(self.queue))))]
         for t in self.threads:
             t.start()

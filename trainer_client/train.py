@@ -23,13 +23,14 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from .checkpoint import (
 from .device import DeviceFeed
 from .overfit import GapReport, OverfitMonitor
 from .reporting import METRIC_KEYS, format_row, plot_curves, write_metrics
+from .stream import FETCH_THREAD_PREFIX
 from .world import World
 
 __all__ = ["METRIC_KEYS", "Batch", "Callback", "GapReport", "History", "OverfitMonitor", "StepEvent", "TrainConfig",
@@ -220,14 +222,14 @@ def _val_batches(val_data: ValData | Iterable[Batch], batch_size: int) -> Iterat
     if callable(val_data):
         yield from val_data()
         return
-    if isinstance(val_data, tuple) and len(val_data) == 2 and isinstance(val_data[0], torch.Tensor):
-        images, labels = val_data
+    if isinstance(val_data, Sequence) and len(val_data) == 2 and all(isinstance(t, torch.Tensor) for t in val_data):
+        images, labels = val_data  # two tensors: (images, labels); batches are sequences of tensors
         if len(images) != len(labels):
             raise ValueError(f"val_data: {len(images)} images but {len(labels)} labels")
         for start in range(0, len(images), batch_size):
             yield images[start:start + batch_size], labels[start:start + batch_size]
         return
-    yield from val_data
+    yield from cast(Iterable[Batch], val_data)
 
 
 @torch.no_grad()
@@ -244,8 +246,16 @@ def class_sums(model: nn.Module, data: ValData | Iterable[Batch], *, num_classes
     try:
         for batch in DeviceFeed(_val_batches(data, batch_size), device):
             images, labels, real = _split_batch(batch, device)
-            column = labels if num_classes else torch.zeros_like(labels)
-            sums.index_add_(1, column, _per_sample(model(images), labels, real))
+            logits = model(images)
+            per_sample = _per_sample(logits, labels, real)
+            if not num_classes:
+                sums += per_sample.sum(1, keepdim=True)
+                continue
+            if logits.shape[1] != num_classes:
+                raise ValueError(f"num_classes: {num_classes}, but the model gives {logits.shape[1]} scores")
+            # a product with the one-hot labels, not index_add_: that adds with atomics on CUDA,
+            # in an order that changes from run to run
+            sums += per_sample @ F.one_hot(labels, num_classes).double()
     finally:
         model.train(was_training)
     return all_reduce_sum(sums, world or World()).cpu().numpy()
@@ -470,6 +480,7 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
             train_seconds = time.perf_counter() - start
             val_sums = class_sums(model, val_data, num_classes=num_classes, device=device, world=world)
             val_loss, val_acc = loss_and_accuracy(val_sums)
+            val_sums.setflags(write=False)  # one array, handed to every callback
             for callback in callbacks:
                 callback.on_validation(val_sums)
             gap = run.monitor.update(epoch, train_loss, train_acc, val_loss, val_acc)
@@ -515,18 +526,28 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
 
 
 def settle_before_exit() -> None:
-    """Call last in a process that trained: leaves no Python thread that runs or wakes while the
-    interpreter shuts down, and no cyclic garbage for one to free. A daemon thread that starts a
-    garbage collection during finalization and frees a tensor there releases the GIL, is ended by
+    """Call last in a process that trained: leaves no Python thread of ours running or waking while
+    the interpreter shuts down, and no cyclic garbage for one to free. A daemon thread that starts
+    a garbage collection during finalization and frees a tensor there releases the GIL, is ended by
     pthread_exit on taking it back, and the unwind through torch's C++ destructor aborts the process
     ("terminate called without an active exception": core dumps of the test session, 2026-11-26,
-    and a stream's fetch thread caught inside such a collection on 2026-11-27; once in a DDP rank)."""
+    and a stream's fetch thread caught inside such a collection on 2026-11-27)."""
     gc.collect()
+    deadline = time.monotonic() + 10.0
     for thread in threading.enumerate():
-        if thread.name.startswith("augsvc-fetch-"):  # a stopped stream's fetch thread still ending
-            thread.join(timeout=10)
-    if tqdm.monitor is not None:  # tqdm's daemon monitor wakes every 10 s once a bar was made
-        tqdm.monitor.exit()
+        if thread.name.startswith(FETCH_THREAD_PREFIX):  # a stopped stream's fetch thread still ending
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    monitor = tqdm.monitor
+    if monitor is not None:  # tqdm's daemon monitor wakes every 10 s once a bar was made
+        monitor.exit()
+    if "torch.distributed" in sys.modules:
+        # Best effort, not a guarantee: a collective's last reference may be dropped by one of
+        # gloo's C++ worker threads just after the call that waited for it returned, and dropping it
+        # takes the GIL (the work's saved thread-local state holds Python objects). A core dump of a
+        # DDP rank that aborted at exit (1 of 30 runs of tests/helpers/ddp_stream.py on a loaded
+        # machine, 2026-11-27) shows that thread ended in take_gil while the main thread collected
+        # garbage in Py_FinalizeEx. Holding no GIL for a moment lets such a thread finish first.
+        time.sleep(0.05)
 
 
 def quiet(*_args: Any, **_kwargs: Any) -> None:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer_client import AugmentClient, AugmentedStream
+from trainer_client.train import settle_before_exit
 
 
 def main() -> None:
@@ -38,6 +39,7 @@ def main() -> None:
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
         {"world": world, "steps": steps, "real_ids": real_ids, "padded_ids": padded_ids}))
     dist.destroy_process_group()
+    settle_before_exit()  # as augsvc-train ends: no thread left to take the GIL during finalization
 
 
 if __name__ == "__main__":
