@@ -280,3 +280,10 @@ def test_a_study_folder_refuses_runs_with_other_settings(tmp_path: Path) -> None
     for changed in (replace(config, top=0.5), replace(config, steps=10)):
         with pytest.raises(ValueError, match="other settings"):
             run_study(tmp_path, digits, changed)
+    # a folder from before a setting existed holds runs made at its default
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["top"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert run_study(tmp_path, digits, config) == 0
+    with pytest.raises(ValueError, match=r"other settings \(top\)"):
+        run_study(tmp_path, digits, replace(config, top=0.5))

@@ -188,6 +188,11 @@ def test_dataloader_with_workers_is_refused_with_what_to_do(client: AugmentClien
 
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+    def iterators() -> int:
+        return sum(isinstance(o, _BaseDataLoaderIter) for o in gc.get_objects())
+
+    gc.collect()
+    before = iterators()
     loader = DataLoader(stream(client), batch_size=None, num_workers=2)
     it = iter(loader)
     try:
@@ -200,7 +205,7 @@ def test_dataloader_with_workers_is_refused_with_what_to_do(client: AugmentClien
     with pytest.raises(TypeError, match=r"DataLoader worker process"):
         next(iter(spawned))  # refused while pickling the worker's arguments: no process started
     gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, _BaseDataLoaderIter)]
+    assert iterators() == before
 
 
 def test_a_batch_outlives_its_closed_stream(client: AugmentClient) -> None:

@@ -16,6 +16,7 @@ checkpoint, so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -167,14 +168,20 @@ def gaps_from_sums(train: np.ndarray, val: np.ndarray, gap: str = "loss") -> Cla
 
 
 def clean_gaps(model: nn.Module, train: Batches, val: Batches, *, num_classes: int, gap: str = "loss",
-               device: torch.device | None = None, world: World | None = None) -> ClassGaps:
+               device: torch.device | None = None, world: World | None = None,
+               reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> ClassGaps:
     """The generalization gap of `model` in eval mode: batches of clean training images `train`
     against the validation batches `val`, overall and per class; with a distributed `world`, the
-    sums of every rank's shards."""
+    sums of every rank's shards. reduce (the older way to say it): adds the stacked per-class sums
+    ([6, K]: the train rows, then the validation rows) over the ranks."""
     def sums(batches: Batches) -> np.ndarray:
         return class_sums(model, batches, num_classes=num_classes, device=device, world=world)
 
-    return gaps_from_sums(sums(train), sums(val), gap)
+    train_sums, val_sums = sums(train), sums(val)
+    if reduce is not None:
+        both = reduce(np.concatenate([train_sums, val_sums]))
+        train_sums, val_sums = both[:3], both[3:]
+    return gaps_from_sums(train_sums, val_sums, gap)
 
 
 class StrengthCallback(Callback):
@@ -186,11 +193,13 @@ class StrengthCallback(Callback):
     adaptive, `clean_gap`; a checkpoint holds its state."""
 
     def __init__(self, schedule: StrengthSchedule, epochs: int, *, controller: StrengthController | None = None,
-                 measure: Callable[[np.ndarray | None], ClassGaps] | None = None) -> None:
+                 measure: Callable[..., ClassGaps] | None = None) -> None:
         if schedule.kind == "adaptive" and (controller is None or measure is None):
             raise ValueError("an adaptive strength needs a controller and a measure of the clean gap")
         self.schedule, self.epochs = schedule, epochs
         self.controller, self.measure = controller, measure
+        #: a measure() of no arguments (the older form) scores the validation set itself
+        self._measure_takes_sums = measure is not None and bool(inspect.signature(measure).parameters)
         self.epoch = 0  # the next epoch to train (0-based)
         self.val_sums: np.ndarray | None = None  # this epoch's, from fit
 
@@ -211,7 +220,7 @@ class StrengthCallback(Callback):
     def on_epoch_end(self, row: dict[str, float]) -> None:
         row["strength"] = self.strength if self.class_strength is None else float(np.mean(self.class_strength))
         if self.controller is not None and self.measure is not None:
-            gaps = self.measure(self.val_sums)
+            gaps = self.measure(self.val_sums) if self._measure_takes_sums else self.measure()
             self.val_sums = None
             self.controller.update(gaps, int(row["epoch"]))
             row["clean_gap"] = gaps.overall

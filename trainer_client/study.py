@@ -219,8 +219,10 @@ def run_study(out: Path, digits: Digits, config: StudyConfig, *, log: Callable[[
     other settings than `config` (only the seeds, sizes and arms may differ)."""
     settings = json.loads(json.dumps(_jsonable(config)))
     if (out / "config.json").exists():
+        defaults = json.loads(json.dumps(_jsonable(StudyConfig())))  # for a setting newer than the folder
         before = json.loads((out / "config.json").read_text())
-        changed = [k for k in settings if k not in ("seeds", "sizes", "arms") and before.get(k) != settings[k]]
+        changed = [k for k in settings
+                   if k not in ("seeds", "sizes", "arms") and before.get(k, defaults[k]) != settings[k]]
         if changed:  # its runs would be summarized with these
             raise ValueError(f"{out}: its runs were made with other settings ({', '.join(changed)}); "
                              "use another --out")
@@ -418,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not all(0.0 <= v <= 1.0 for v in [*args.fixed, args.top]):
         p.error("--fixed and --top: strengths are in [0, 1]")
+    if len({f"{v:.3f}" for v in args.fixed}) != len(args.fixed):
+        p.error(f"--fixed: {args.fixed} names a strength twice")
     arms = tuple(a for a in study_arms(args.fixed) if not args.arms or a.name in args.arms)
     config = StudyConfig(sizes=tuple(args.sizes), seeds=tuple(args.seeds), steps=args.steps, arms=arms,
                          interval=args.interval, top=args.top,
