@@ -374,10 +374,17 @@ def test_bytes_after_the_end_marker_are_left_out_and_truncation_still_refused(re
         assert decode_region(motion, header, 1, out, box)
         x0, y0, x1, y1 = box
         np.testing.assert_array_equal(out[y0:y1, x0:x1, :3], full[y0:y1, x0:x1])
-    sos = plain.index(b"\xff\xda")
+    sos = plain.rindex(b"\xff\xda")  # the image's scan, after the thumbnail's
     for cut in (sos + 4, sos + 40, len(plain) // 2, len(plain) - 2, len(plain) - 1):
         truncated = plain[:cut]
         assert through_end_marker(truncated) is None, cut
         assert not decode_region(truncated, header, 1, np.zeros((70, 90, 4), np.uint8), (13, 20, 61, 55))
     broken = plain[:sos] + b"\x00" + plain[sos:] + trailer  # no marker where one must be: not walked past
     assert through_end_marker(broken) is None
+    # a segment holding the bytes FF D9 (a comment, as a table could) is skipped by its length
+    comment = b"\xff\xfe\x00\x06a\xff\xd9b"
+    commented = plain[:sos] + comment + plain[sos:]
+    assert bytes(through_end_marker(commented + trailer)) == commented  # type: ignore[arg-type]
+    eoi = len(plain) - 2  # ... and one between the scan and the end marker
+    after_scan = plain[:eoi] + comment + plain[eoi:]
+    assert bytes(through_end_marker(after_scan + trailer)) == after_scan  # type: ignore[arg-type]

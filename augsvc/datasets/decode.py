@@ -32,6 +32,7 @@ import functools
 import io
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -209,32 +210,40 @@ def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.
         raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
 
 
+#: In entropy-coded data, an FF followed by a marker code: not a stuffed 00, a restart marker or a fill byte.
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
 def through_end_marker(data: bytes | memoryview) -> bytes | memoryview | None:
     """A JPEG's bytes through its end-of-image marker (FF D9): `data` itself when it ends with one;
-    for a file with bytes after it, the part before them; None when it has none (a truncated file).
-    The marker is the first FF D9 after the first start-of-scan segment: segments before it are
-    skipped by their lengths (an APP1 segment may hold a thumbnail with its own end marker), and
-    entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart marker; the
-    markers between the scans of a multi-scan file are others)."""
+    for a file with bytes after it (a phone's "motion photo" video), the part before them; None
+    when it has none (a truncated file). Segments are skipped by their lengths (an APP1 segment
+    may hold a thumbnail with its own end marker, a table may hold the bytes FF D9), and a scan's
+    entropy-coded data up to the next marker (an FF there is followed by 00 or a restart marker)."""
     view = memoryview(data).cast("B")
     n = len(view)
     if n >= 4 and view[n - 2] == 0xFF and view[n - 1] == 0xD9:
         return data
-    pos = 2  # after SOI
-    while pos + 4 <= n:
+    pos, scanned = 2, False  # after SOI
+    while pos + 2 <= n:
         if view[pos] != 0xFF:
             return None
         marker = view[pos + 1]
         if marker == 0xFF:  # a fill byte
             pos += 1
+        elif marker == 0xD9:
+            return view[:pos + 2] if scanned else None
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
-        elif marker == 0xDA:
-            start = pos + 2 + (view[pos + 2] << 8 | view[pos + 3])
-            end = (data if isinstance(data, bytes) else view.tobytes()).find(b"\xff\xd9", start)
-            return None if end < 0 else view[:end + 2]
+        elif pos + 4 > n:
+            return None
         else:
             pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
+            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+                found = _MARKER_IN_SCAN.search(view, pos)
+                if found is None:
+                    return None
+                pos, scanned = found.start(), True
     return None
 
 
