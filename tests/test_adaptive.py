@@ -117,6 +117,14 @@ def test_clean_gaps_measure_train_against_validation() -> None:
     assert acc.overall == pytest.approx(1.0 - 0.25) and list(acc.per_class) == pytest.approx([0.5, 1.0])
     loss = clean_gaps(model, [train], [val], num_classes=2, gap="loss")
     assert loss.overall > 0 and loss.per_class[1] > loss.per_class[0] > 0
+    seen: list[tuple[int, ...]] = []
+
+    def twice(sums: np.ndarray) -> np.ndarray:  # reduce=: as if a second rank had the same shards
+        seen.append(sums.shape)
+        return 2 * sums
+
+    doubled = clean_gaps(model, [train], [val], num_classes=2, gap="acc", reduce=twice)
+    assert seen == [(6, 2)] and doubled.overall == pytest.approx(acc.overall)
 
 
 def test_study_split_is_nested_and_disjoint() -> None:
@@ -171,7 +179,7 @@ def test_strength_callback_schedules_and_checkpoint() -> None:
     def make() -> StrengthCallback:
         controller = StrengthController(ControllerSettings(gap="ratio", target=0.9, step=0.1, start=0.3))
         return StrengthCallback(parse_strength("adaptive"), epochs=5, controller=controller,
-                                measure=lambda _val_sums: gaps(next(script)))
+                                measure=lambda: gaps(next(script)))  # the older form: no validation sums
 
     whole, used = make(), []
     for epoch in range(1, 6):
