@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import itertools
 import math
-import sys
 import threading
 import time
 import warnings
@@ -540,14 +539,13 @@ def settle_before_exit() -> None:
     monitor = tqdm.monitor
     if monitor is not None:  # tqdm's daemon monitor wakes every 10 s once a bar was made
         monitor.exit()
-    if "torch.distributed" in sys.modules:
-        # Best effort, not a guarantee: a collective's last reference may be dropped by one of
-        # gloo's C++ worker threads just after the call that waited for it returned, and dropping it
-        # takes the GIL (the work's saved thread-local state holds Python objects). A core dump of a
-        # DDP rank that aborted at exit (1 of 30 runs of tests/helpers/ddp_stream.py on a loaded
-        # machine, 2026-11-27) shows that thread ended in take_gil while the main thread collected
-        # garbage in Py_FinalizeEx. Holding no GIL for a moment lets such a thread finish first.
-        time.sleep(0.05)
+    # Best effort, not a guarantee: a collective's last reference may be dropped by one of gloo's
+    # C++ worker threads just after the call that waited for it returned, and dropping it takes the
+    # GIL (the work's saved thread-local state holds Python objects). A core dump of a DDP rank that
+    # aborted at exit (1 of 30 runs of tests/helpers/ddp_stream.py on a loaded machine, 2026-11-27)
+    # shows that thread ended in take_gil while the main thread collected garbage in Py_FinalizeEx.
+    # Holding no GIL for a moment lets such a thread finish first (0 aborts in 100 runs after).
+    time.sleep(0.05)
 
 
 def quiet(*_args: Any, **_kwargs: Any) -> None:
