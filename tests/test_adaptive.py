@@ -285,13 +285,14 @@ def test_a_study_folder_refuses_runs_with_other_settings(tmp_path: Path) -> None
     config = StudyConfig(sizes=(), seeds=())
     assert run_study(tmp_path, digits, config) == 0  # writes config.json
     assert run_study(tmp_path, digits, replace(config, seeds=(), sizes=(), arms=())) == 0
-    for changed in (replace(config, top=0.5), replace(config, steps=10)):
+    for changed in (replace(config, top=1.0), replace(config, steps=10)):
         with pytest.raises(ValueError, match="other settings"):
             run_study(tmp_path, digits, changed)
-    # a folder from before a setting existed holds runs made at its default
+    # a folder from before --top existed holds runs made at top 1
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["top"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert run_study(tmp_path, digits, config) == 0
+    assert run_study(tmp_path, digits, replace(config, top=1.0)) == 0
+    (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"other settings \(top\)"):
         run_study(tmp_path, digits, replace(config, top=0.5))
