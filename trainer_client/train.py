@@ -542,9 +542,10 @@ def settle_before_exit() -> None:
     # Best effort, not a guarantee: a collective's last reference may be dropped by one of gloo's
     # C++ worker threads just after the call that waited for it returned, and dropping it takes the
     # GIL (the work's saved thread-local state holds Python objects). A core dump of a DDP rank that
-    # aborted at exit (1 of 30 runs of tests/helpers/ddp_stream.py on a loaded machine, 2026-11-27)
-    # shows that thread ended in take_gil while the main thread collected garbage in Py_FinalizeEx.
-    # Holding no GIL for a moment lets such a thread finish first (0 aborts in 100 runs after).
+    # aborted at exit (1 of 30 runs of tests/helpers/ddp_stream.py on a loaded machine, 2026-11-27;
+    # `bash scripts/ddp_exit_loop.sh 30`) shows that thread ended in take_gil while the main thread
+    # collected garbage in Py_FinalizeEx. Holding no GIL for a moment lets such a thread finish
+    # first (0 aborts in 100 runs after).
     time.sleep(0.05)
 
 
