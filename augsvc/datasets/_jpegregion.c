@@ -9,11 +9,12 @@
  * [x0, x1) x [y0, y1) are written, and they are the bytes a full decode gives (see MARGIN);
  * others are left as they were or written with pixels that may differ from a full decode, so the
  * caller reads only the rectangle. Returns False, having written nothing, when the file is
- * not one this path takes (progressive, CMYK/YCCK, another size than height x width, data that
- * does not end with an EOI marker, as a truncated file's does not): the caller then decodes it
- * whole, and a truncated file fails whatever its crop. Raises ValueError for data libjpeg-turbo
- * refuses, warnings included (what a strict full decode refuses). Rows below the rectangle are
- * not decoded at all, so damage confined to them goes unnoticed by this call.
+ * not one this path takes (progressive or other multi-scan, arithmetic-coded, CMYK/YCCK, another
+ * size than height x width, data that does not end with an EOI marker, as a truncated file's does
+ * not, a header this libjpeg-turbo does not read, such as a lossless JPEG's): the caller then
+ * decodes it whole, and a truncated file fails whatever its crop. Raises ValueError for scan data
+ * libjpeg-turbo refuses, warnings included (what a strict full decode refuses). Rows below the
+ * rectangle are not decoded at all, so damage confined to them goes unnoticed by this call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,6 +42,7 @@
 struct strict_error {
     struct jpeg_error_mgr pub;
     jmp_buf jump;
+    int header_read; /* set once jpeg_read_header has returned */
     char message[JMSG_LENGTH_MAX];
 };
 
@@ -68,12 +70,19 @@ static int decode(struct jpeg_decompress_struct *cinfo, struct strict_error *err
         return 0;
     }
     if (setjmp(err->jump)) {
-        return -1;
+        /* Before the header is read: a file this library cannot take (lossless or 12-bit, which
+         * the full decoder's newer libjpeg-turbo may read, or a damaged header) is left to the
+         * full decode, which reads it or refuses it. After: corrupt data in the region. */
+        return err->header_read ? -1 : 0;
     }
     jpeg_create_decompress(cinfo); /* after setjmp: its errors (no memory, a mismatched library) jump too */
     jpeg_mem_src(cinfo, data, (unsigned long)size);
     jpeg_read_header(cinfo, TRUE);
-    if (cinfo->progressive_mode
+    err->header_read = 1;
+    /* Only single-scan Huffman-coded files, the kind the self-check in decode.py compares against
+     * the full decoder: progressive and other multi-scan files (every scan must be read anyway) and
+     * arithmetic-coded ones decode whole. */
+    if (cinfo->progressive_mode || jpeg_has_multiple_scans(cinfo) || cinfo->arith_code
         || (cinfo->jpeg_color_space != JCS_YCbCr && cinfo->jpeg_color_space != JCS_GRAYSCALE
             && cinfo->jpeg_color_space != JCS_RGB)) {
         return 0;

@@ -16,7 +16,8 @@ grayscale. Conversions, whatever the file holds:
 A declared decode size (`DecodeSize`) makes a JPEG decode at the smallest DCT scale (1/2, 1/4,
 1/8) whose result still reaches it (`dct_scale`): a function of the file's size and the
 dataset's setting only, so every layout decodes, and caches, the same pixels. PNG has no such
-scale and decodes whole.
+scale and decodes whole, and neither has a lossless JPEG (no DCT: `Header.dct` is False), which
+decodes at full size whatever the setting.
 
 A worker told which part of an image its augmentation reads (a random crop's rectangle, by
 `augment_batch(read=)`: `augsvc.engine.source_boxes`) decodes only that part when it can (`decode_region`):
@@ -33,7 +34,7 @@ import io
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -51,7 +52,7 @@ except ImportError:  # not built here (no compiler or libjpeg headers): images d
     _jpegregion = None
 
 __all__ = ["DCT_SCALES", "JPEG_DECODER", "REGION_DECODER", "DecodeFailed", "DecodeSize", "Header", "TooManyPixels",
-           "dct_scale", "decode", "decode_images", "decode_region", "probe", "through_end_marker"]
+           "dct_coded", "dct_scale", "decode", "decode_images", "decode_region", "probe", "through_end_marker"]
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,14 @@ def dct_scale(height: int, width: int, size: DecodeSize | None) -> int:
 
 @dataclass(frozen=True)
 class Header:
-    """What an encoded image's header says: format (JPEG or PNG), size, and whether it is gray."""
+    """What an encoded image's header says: format (JPEG or PNG), size, whether it is gray, and
+    for a JPEG whether it is DCT-coded (False: lossless, which has no scaled decode)."""
 
     format: int
     height: int
     width: int
     gray: bool
+    dct: bool = True
 
 
 def probe(data: bytes | memoryview) -> Header:
@@ -138,7 +141,7 @@ def probe(data: bytes | memoryview) -> Header:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as exc:
             raise DecodeFailed(f"not a readable JPEG header ({exc})") from None
-        return Header(JPEG, int(height), int(width), colorspace == "Gray")
+        return Header(JPEG, int(height), int(width), colorspace == "Gray", dct_coded(data))
     if head == _PNG_MAGIC:
         img = _open_png(data)
         with img:
@@ -169,13 +172,22 @@ def decode(data: bytes | memoryview, header: Header, channels: int, scale: int =
     or truncated."""
     rgbx = out is not None and channels == 3 and out.ndim == 3 and out.shape[2] == 4
     if header.format == JPEG:
+        if scale > 1 and not dct_coded(data):  # checked on the data itself: a file may change on disk
+            # (libjpeg-turbo ignores the scale of a lossless JPEG and would overrun a buffer of the scaled size)
+            raise DecodeFailed(f"a lossless JPEG has no 1/{scale} decode")
         h, w = scaled(header.height, header.width, scale)
         colorspace = "GRAY" if channels == 1 else "RGBX" if rgbx else "RGB"
         try:
             pixels: np.ndarray = simplejpeg.decode_jpeg(data, colorspace, min_height=h, min_width=w,
                                                         min_factor=scale, buffer=out, strict=True)
         except ValueError as exc:
-            raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+            if channels == 1 or dct_coded(data):
+                raise DecodeFailed(f"corrupt or truncated JPEG data ({exc})") from None
+            # libjpeg-turbo converts no lossless gray JPEG to colour: its gray on every channel,
+            # as its conversion of a DCT-coded gray file gives
+            target = np.empty((h, w, 3), np.uint8) if out is None else out
+            target[:, :, :3] = decode(data, header, 1, scale)
+            return target[:, :, :3]
         return pixels[:, :, :3] if rgbx else pixels
     pixels = _png_pixels(data, channels)
     if pixels.shape[:2] != (header.height, header.width):
@@ -193,8 +205,10 @@ def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.
     C-contiguous (H, W, depth) array a full `decode(..., out=out)` would fill (depth 4 for RGBX,
     3, or 1 for gray). Inside the rectangle the bytes are those of a full decode; outside it, `out`
     holds anything. False, with nothing decoded, when this path does not take the image (a PNG, a
-    progressive or CMYK JPEG, data without an end marker such as a truncated file's, or no
-    `_jpegregion` here): decode it whole. DecodeFailed for data libjpeg-turbo refuses. Bytes after
+    progressive, multi-scan, arithmetic-coded or CMYK JPEG, data without an end marker such as a
+    truncated file's, a header the system's libjpeg-turbo does not read — a lossless JPEG, which
+    the full decoder reads — or no `_jpegregion` here): decode it whole. DecodeFailed for scan
+    data libjpeg-turbo refuses. Bytes after
     the end marker (a phone's "motion photo" video) are left out, as a full decode ignores them."""
     h, w, depth = out.shape
     x0, y0, x1, y1 = box
@@ -202,7 +216,7 @@ def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.
             or not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h) or not regions_available()):
         return False
     jpeg = through_end_marker(data)
-    if jpeg is None:
+    if jpeg is None or not dct_coded(jpeg):
         return False
     try:
         return bool(_jpegregion.decode_region(jpeg, out, h, w, depth, scale, x0, y0, x1, y1))
@@ -214,37 +228,63 @@ def decode_region(data: bytes | memoryview, header: Header, scale: int, out: np.
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
-def through_end_marker(data: bytes | memoryview) -> bytes | memoryview | None:
-    """A JPEG's bytes through its end-of-image marker (FF D9): `data` itself when it ends with one;
-    for a file with bytes after it (a phone's "motion photo" video), the part before them; None
-    when it has none (a truncated file). Segments are skipped by their lengths (an APP1 segment
-    may hold a thumbnail with its own end marker, a table may hold the bytes FF D9), and a scan's
-    entropy-coded data up to the next marker (an FF there is followed by 00 or a restart marker)."""
-    view = memoryview(data).cast("B")
-    n = len(view)
-    if n >= 4 and view[n - 2] == 0xFF and view[n - 1] == 0xD9:
-        return data
-    pos, scanned = 2, False  # after SOI
-    while pos + 2 <= n:
-        if view[pos] != 0xFF:
-            return None
+def _markers(view: memoryview) -> Iterator[tuple[int, int]]:
+    """(marker code, position of its FF) of each marker of a JPEG after SOI, in order, until the
+    data stops making sense. Segments are skipped by their lengths (an APP1 segment may hold a
+    thumbnail with its own markers, a table may hold the bytes FF D9), and a scan's entropy-coded
+    data up to the next marker (an FF there is followed by 00 or a restart marker)."""
+    n, pos = len(view), 2
+    while pos + 2 <= n and view[pos] == 0xFF:
         marker = view[pos + 1]
         if marker == 0xFF:  # a fill byte
             pos += 1
-        elif marker == 0xD9:
-            return view[:pos + 2] if scanned else None
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            continue
+        yield marker, pos
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:  # markers without a length
             pos += 2
         elif pos + 4 > n:
-            return None
+            return
         else:
             pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
             if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
                 found = _MARKER_IN_SCAN.search(view, pos)
                 if found is None:
-                    return None
-                pos, scanned = found.start(), True
+                    return
+                pos = found.start()
+
+
+def through_end_marker(data: bytes | memoryview) -> bytes | memoryview | None:
+    """A JPEG's bytes through its end-of-image marker (FF D9): `data` itself when it ends with one;
+    for a file with bytes after it (a phone's "motion photo" video), the part before them; None
+    when it has none (a truncated file)."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n >= 4 and view[n - 2] == 0xFF and view[n - 1] == 0xD9:
+        return data
+    scanned = False
+    for marker, pos in _markers(view):
+        if marker == 0xD9:
+            return view[:pos + 2] if scanned else None
+        scanned = scanned or marker == 0xDA
     return None
+
+
+#: Start-of-frame markers of the lossless processes (SOF3, SOF7, SOF11, SOF15): no DCT.
+_LOSSLESS_FRAMES = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+#: Every start-of-frame marker (C0-CF but DHT C4, JPG C8 and DAC CC).
+_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def dct_coded(data: bytes | memoryview) -> bool:
+    """Whether a JPEG's frame is DCT-coded (baseline, extended, progressive; Huffman or arithmetic),
+    read from its first start-of-frame marker: False for a lossless JPEG, and for data with no
+    frame before its first scan (which no decoder reads)."""
+    for marker, _pos in _markers(memoryview(data).cast("B")):
+        if marker in _FRAMES:
+            return marker not in _LOSSLESS_FRAMES
+        if marker == 0xDA:
+            break
+    return False
 
 
 def regions_available() -> bool:

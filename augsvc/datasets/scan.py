@@ -80,7 +80,7 @@ def _probe_file(path: str, verify: bool, size: DecodeSize | None) -> tuple[Heade
             raise
         data = read_file(path)
         header = probe(data)
-    scale = dct_scale(header.height, header.width, size) if header.format == JPEG else 1
+    scale = dct_scale(header.height, header.width, size) if header.format == JPEG and header.dct else 1
     if verify:
         decode(data, header, 1 if header.gray else 3, scale)
     return header, scale, os.path.getsize(path) if len(data) == _HEAD_BYTES else len(data)

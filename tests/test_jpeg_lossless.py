@@ -1,0 +1,132 @@
+"""Lossless JPEGs (SOF3): no DCT, so no scaled decode and no region decode — libjpeg-turbo ignores
+the scale of a lossless file and decoded it whole into a buffer of the scaled size (a heap overrun:
+the process died), and the system's older libjpeg-turbo behind the region path does not read them
+at all. They decode whole, to their exact pixels, whatever the dataset's decode size."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from augsvc import augment_batch
+from augsvc.datasets import attach, load_dataset
+from augsvc.datasets import decode as decode_module
+from augsvc.datasets.decode import REGION_DECODER, DecodeFailed, dct_coded, decode, decode_region, probe
+from augsvc.samples import sample_photo
+
+
+def lossless_jpeg(image: np.ndarray) -> bytes:
+    """A lossless JPEG (SOF3, predictor 1: the sample to the left) of an (H, W) or (H, W, 3) uint8
+    image: one interleaved Huffman-coded scan, the standard DC luminance table coding each difference."""
+    x = (image[:, :, None] if image.ndim == 2 else image).astype(np.int32)
+    h, w, c = x.shape
+    bits_per_length = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # categories 0-11 (T.81 K.3)
+    codes, code, size = {}, 0, 0
+    for length, count in enumerate(bits_per_length, 1):
+        for _ in range(count):
+            codes[size] = format(code, f"0{length}b")
+            code, size = code + 1, size + 1
+        code <<= 1
+    pred = np.empty_like(x)
+    pred[0, 0], pred[0, 1:], pred[1:, 0], pred[1:, 1:] = 128, x[0, :-1], x[:-1, 0], x[1:, :-1]
+    bits = []
+    for d in (x - pred).ravel().tolist():  # interleaved: each pixel's components in turn
+        n = abs(d).bit_length()
+        bits.append(codes[n] + (format(d if d > 0 else d + (1 << n) - 1, f"0{n}b") if n else ""))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = bytearray()
+    for i in range(0, len(stream), 8):
+        data.append(int(stream[i:i + 8], 2))
+        if data[-1] == 0xFF:
+            data.append(0)
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    frame = struct.pack(">BHHB", 8, h, w, c) + b"".join(bytes([k + 1, 0x11, 0]) for k in range(c))
+    scan = bytes([c]) + b"".join(bytes([k + 1, 0x00]) for k in range(c)) + bytes([1, 0, 0])
+    return (b"\xff\xd8" + segment(0xC4, bytes([0]) + bytes(bits_per_length) + bytes(range(12)))
+            + segment(0xC3, frame) + segment(0xDA, scan) + bytes(data) + b"\xff\xd9")
+
+
+def photo(h: int, w: int, gray: bool = False) -> np.ndarray:
+    image = np.ascontiguousarray(sample_photo()[:h, 7:7 + w])
+    return np.ascontiguousarray(image.mean(axis=2).astype(np.uint8)) if gray else image
+
+
+def jpeg(image: np.ndarray, **params: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90, **params)
+    return buffer.getvalue()
+
+
+def test_a_lossless_jpeg_decodes_to_its_exact_pixels() -> None:
+    colour, gray = photo(45, 61), photo(40, 56, gray=True)
+    for image in (colour, gray):
+        data = lossless_jpeg(image)
+        header = probe(data)
+        assert (header.height, header.width, header.gray, header.dct) == (*image.shape[:2], image.ndim == 2, False)
+        expected = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)  # gray on every channel
+        np.testing.assert_array_equal(decode(data, header, 3), expected)
+        rgbx = np.zeros((*image.shape[:2], 4), np.uint8)
+        np.testing.assert_array_equal(decode(data, header, 3, out=rgbx), expected)
+        np.testing.assert_array_equal(rgbx[:, :, :3], expected)
+    np.testing.assert_array_equal(decode(lossless_jpeg(gray), probe(lossless_jpeg(gray)), 1)[:, :, 0], gray)
+    # the DCT-coded kinds, for contrast; and data with no frame at all
+    assert dct_coded(jpeg(colour)) and dct_coded(jpeg(colour, progressive=True)) and dct_coded(jpeg(gray))
+    assert not dct_coded(b"\xff\xd8\xff\xd9") and not dct_coded(b"")
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_a_lossless_jpeg_has_no_scaled_decode(scale: int) -> None:
+    data = lossless_jpeg(photo(64, 64))
+    with pytest.raises(DecodeFailed, match="lossless"):
+        decode(data, probe(data), 3, scale)  # before: a heap overrun in libjpeg-turbo, and the process died
+
+
+@pytest.mark.skipif(REGION_DECODER is None, reason="augsvc.datasets._jpegregion is not built here")
+def test_the_region_path_leaves_a_lossless_jpeg_to_the_full_decode() -> None:
+    for image in (photo(48, 64), photo(48, 64, gray=True)):
+        data = lossless_jpeg(image)
+        out = np.full((48, 64, 4 if image.ndim == 3 else 1), 9, np.uint8)
+        assert not decode_region(data, probe(data), 1, out, (8, 8, 40, 30))  # not DecodeFailed: it is not corrupt
+        # the module itself, asked directly: a header its libjpeg-turbo does not read is not taken
+        # (it is not corrupt data: a newer full decoder may read it)
+        assert not decode_module._jpegregion.decode_region(data, out, 48, 64, out.shape[2], 1, 8, 8, 40, 30)
+        assert (out == 9).all()
+
+
+@pytest.mark.parametrize("layout", ["decoded", "encoded", "files"])
+def test_a_folder_with_lossless_files_decodes_them_whole_under_a_decode_size(tmp_path: Path, layout: str) -> None:
+    images = {"a/0.jpg": photo(64, 96), "a/1.jpg": photo(64, 96), "b/2.jpg": photo(48, 64, gray=True),
+              "b/3.jpg": photo(80, 80)}
+    for name, image in images.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(lossless_jpeg(image) if name in ("a/1.jpg", "b/2.jpg") else jpeg(image))
+    spec = {"transforms": [{"random_resized_crop": {"height": 16, "width": 16}}]}
+    ids = np.arange(4)
+    with load_dataset("d", str(tmp_path), layout="decoded", decode_size="shorter:16") as whole_set, \
+            load_dataset("p", str(tmp_path), layout=layout, decode_size="shorter:16") as parted_set:
+        whole, part = attach(whole_set.handle()), attach(parted_set.handle())
+        try:
+            pixels = whole.gather(ids)
+            # at 1/4 (DCT scaling), whole (lossless), whole (lossless), 1/4
+            assert [p.shape for p in pixels] == [(16, 24, 3), (64, 96, 3), (48, 64, 3), (20, 20, 3)]
+            np.testing.assert_array_equal(pixels[1], images["a/1.jpg"])
+            np.testing.assert_array_equal(pixels[2], np.repeat(images["b/2.jpg"][:, :, None], 3, axis=2))
+            for epoch in range(3):
+                expected = augment_batch(whole.gather(ids), spec, seed=0, epoch=epoch, sample_ids=ids)
+                images_, read = part.gather_deferred(ids)
+                got = augment_batch(images_, spec, seed=0, epoch=epoch, sample_ids=ids, read=read)
+                np.testing.assert_array_equal(got, expected)
+                del images_, read
+        finally:
+            whole.close()
+            part.close()
