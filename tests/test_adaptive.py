@@ -296,3 +296,37 @@ def test_a_study_folder_refuses_runs_with_other_settings(tmp_path: Path) -> None
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"other settings \(top\)"):
         run_study(tmp_path, digits, replace(config, top=0.5))
+
+
+def test_study_summary_regrets_selection_and_bootstrap() -> None:
+    """Scripted results: the regrets, the validation-selected arm, the paired interval, and the
+    bootstrap of worst-size regrets (arms paired by seed: a seed's shift moves every arm alike)."""
+    from trainer_client.study import StudyConfig, study_arms, summarize
+
+    config = StudyConfig(sizes=(10, 30), seeds=(0, 1, 2, 3), arms=study_arms((0.0, 0.5)))
+    test = {10: {"fixed 0.00": 0.90, "fixed 0.50": 0.95, "ramp": 0.92, "adaptive": 0.95, "adaptive per class": 0.80},
+            30: {"fixed 0.00": 0.98, "fixed 0.50": 0.96, "ramp": 0.975, "adaptive": 0.98, "adaptive per class": 0.90}}
+    jitter = [0.004, -0.004, 0.004, -0.004]  # the adaptive arm's own, seed by seed, at 30 / class
+    results = [{"size": z, "seed": s, "arm": arm, "test_worst_class": acc - 0.1,
+                "test_acc": acc + 0.01 * s + (jitter[s] if (z, arm) == (30, "adaptive") else 0.0),
+                "val_acc": acc}  # validation ranks the fixed arms as the test does
+               for z, arms in test.items() for arm, acc in arms.items() for s in config.seeds]
+    summary = summarize(results, config)
+    assert summary["sizes"][10]["chosen"] == ["fixed 0.50"] * 4 and summary["sizes"][30]["chosen"] == ["fixed 0.00"] * 4
+    regret = summary["worst_regret"]
+    assert regret["fixed 0.00"] == pytest.approx(0.05) and regret["fixed 0.50"] == pytest.approx(0.02)
+    assert regret["ramp"] == pytest.approx(0.03) and regret["fixed, chosen on validation"] == pytest.approx(0.0)
+    paired = summary["sizes"][30]["paired"]["adaptive"]
+    assert paired["mean"] == pytest.approx(0.0) and paired["low"] < 0 < paired["high"]
+    boot = summary["worst_regret_bootstrap"]
+    assert boot["seeds"] == [0, 1, 2, 3] and set(boot["arms"]) == {*regret}
+    for name, arm in boot["arms"].items():
+        assert arm["regret"] == pytest.approx(regret[name]) and arm["low"] <= arm["high"]
+    # shifts shared by every arm cancel: the same regrets in every resample
+    assert boot["arms"]["ramp"]["low"] == pytest.approx(0.03) == boot["arms"]["ramp"]["high"]
+    assert boot["arms"]["ramp"]["below_every_fixed"] == 0.0  # 0.03 > fixed 0.5's 0.02, always
+    assert boot["arms"]["fixed 0.50"]["below_every_fixed"] == 1.0  # below fixed 0's 0.05, always
+    # adaptive's own jitter at 30 / class: its regret there is 0 or above, never below, and varies
+    adaptive = boot["arms"]["adaptive"]
+    assert adaptive["low"] == pytest.approx(0.0) and adaptive["high"] > 0.002
+    assert adaptive["below_every_fixed"] == 1.0  # never as high as fixed 0.5's 0.02
