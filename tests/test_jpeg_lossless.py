@@ -5,11 +5,11 @@ at all. They decode whole, to their exact pixels, whatever the dataset's decode 
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.jpeg import lossless_jpeg
 from PIL import Image
 
 from augsvc import augment_batch
@@ -17,41 +17,6 @@ from augsvc.datasets import attach, load_dataset
 from augsvc.datasets import decode as decode_module
 from augsvc.datasets.decode import REGION_DECODER, DecodeFailed, dct_coded, decode, decode_region, probe
 from augsvc.samples import sample_photo
-
-
-def lossless_jpeg(image: np.ndarray) -> bytes:
-    """A lossless JPEG (SOF3, predictor 1: the sample to the left) of an (H, W) or (H, W, 3) uint8
-    image: one interleaved Huffman-coded scan, the standard DC luminance table coding each difference."""
-    x = (image[:, :, None] if image.ndim == 2 else image).astype(np.int32)
-    h, w, c = x.shape
-    bits_per_length = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # categories 0-11 (T.81 K.3)
-    codes, code, size = {}, 0, 0
-    for length, count in enumerate(bits_per_length, 1):
-        for _ in range(count):
-            codes[size] = format(code, f"0{length}b")
-            code, size = code + 1, size + 1
-        code <<= 1
-    pred = np.empty_like(x)
-    pred[0, 0], pred[0, 1:], pred[1:, 0], pred[1:, 1:] = 128, x[0, :-1], x[:-1, 0], x[1:, :-1]
-    bits = []
-    for d in (x - pred).ravel().tolist():  # interleaved: each pixel's components in turn
-        n = abs(d).bit_length()
-        bits.append(codes[n] + (format(d if d > 0 else d + (1 << n) - 1, f"0{n}b") if n else ""))
-    stream = "".join(bits)
-    stream += "1" * (-len(stream) % 8)
-    data = bytearray()
-    for i in range(0, len(stream), 8):
-        data.append(int(stream[i:i + 8], 2))
-        if data[-1] == 0xFF:
-            data.append(0)
-
-    def segment(marker: int, payload: bytes) -> bytes:
-        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
-
-    frame = struct.pack(">BHHB", 8, h, w, c) + b"".join(bytes([k + 1, 0x11, 0]) for k in range(c))
-    scan = bytes([c]) + b"".join(bytes([k + 1, 0x00]) for k in range(c)) + bytes([1, 0, 0])
-    return (b"\xff\xd8" + segment(0xC4, bytes([0]) + bytes(bits_per_length) + bytes(range(12)))
-            + segment(0xC3, frame) + segment(0xDA, scan) + bytes(data) + b"\xff\xd9")
 
 
 def photo(h: int, w: int, gray: bool = False) -> np.ndarray:

@@ -2,10 +2,10 @@
 
 Most values are plausible, so that many requests reach the workers and their answers can be
 checked; the rest are hostile: wrong shapes and dtypes, size/shape mismatches, zero and huge
-dimensions, truncated and corrupt PNG/JPEG, NaN and out-of-bound spec values (drawn from the
-`bounds` options of the proto, so new fields are fuzzed too), enormous batch ranges and sizes,
-unknown datasets, long strings, many sample ids, and well-formed protobuf wire data with
-arbitrary fields.
+dimensions, truncated and corrupt PNG/JPEG (baseline, progressive and lossless JPEG), NaN and
+out-of-bound spec values (drawn from the `bounds` options of the proto, so new fields are fuzzed
+too), enormous batch ranges and sizes, unknown datasets, long strings, many sample ids, and
+well-formed protobuf wire data with arbitrary fields.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from helpers.jpeg import lossless_jpeg
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -97,7 +98,8 @@ def _blobs() -> list[bytes]:
     out = []
     for h, w, c in [(8, 8, 1), (16, 12, 3), (1, 1, 3), (64, 64, 3), (33, 7, 1)]:
         img = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
-        out += [encode(img, "PNG"), encode(img, "JPEG", quality=80)]
+        out += [encode(img, "PNG"), encode(img, "JPEG", quality=80), lossless_jpeg(img[..., 0] if c == 1 else img)]
+    out.append(encode(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8), "JPEG", quality=80, progressive=True))
     rgba = Image.fromarray(rng.integers(0, 256, (6, 6, 4), dtype=np.uint8), "RGBA")
     buf = io.BytesIO()
     rgba.save(buf, format="PNG")
