@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.jpeg import lossless_jpeg
+from helpers.jpeg import assert_augments_alike, lossless_jpeg
 from PIL import Image
 
-from augsvc import augment_batch
 from augsvc.datasets import attach, load_dataset
 from augsvc.datasets import decode as decode_module
 from augsvc.datasets.decode import REGION_DECODER, DecodeFailed, dct_coded, decode, decode_region, probe
@@ -86,12 +85,7 @@ def test_a_folder_with_lossless_files_decodes_them_whole_under_a_decode_size(tmp
             assert [p.shape for p in pixels] == [(16, 24, 3), (64, 96, 3), (48, 64, 3), (20, 20, 3)]
             np.testing.assert_array_equal(pixels[1], images["a/1.jpg"])
             np.testing.assert_array_equal(pixels[2], np.repeat(images["b/2.jpg"][:, :, None], 3, axis=2))
-            for epoch in range(3):
-                expected = augment_batch(whole.gather(ids), spec, seed=0, epoch=epoch, sample_ids=ids)
-                images_, read = part.gather_deferred(ids)
-                got = augment_batch(images_, spec, seed=0, epoch=epoch, sample_ids=ids, read=read)
-                np.testing.assert_array_equal(got, expected)
-                del images_, read
+            assert_augments_alike(whole, part, ids, spec, seed=0, epochs=3)
         finally:
             whole.close()
             part.close()

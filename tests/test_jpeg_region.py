@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers.jpeg import assert_augments_alike
 from PIL import Image
 
 from augsvc import augment_batch
@@ -192,12 +193,7 @@ def test_a_worker_reads_regions_and_augments_to_the_decoded_layouts_bytes(tmp_pa
         whole, part = attach(decoded.handle()), attach(parted.handle())
         try:
             for spec in GEOMETRIC[:3]:
-                for epoch in range(2):
-                    expected = augment_batch(whole.gather(ids), spec, seed=1, epoch=epoch, sample_ids=ids)
-                    images, read = part.gather_deferred(ids)
-                    got = augment_batch(images, spec, seed=1, epoch=epoch, sample_ids=ids, read=read)
-                    np.testing.assert_array_equal(got, expected)
-                    del images, read
+                assert_augments_alike(whole, part, ids, spec, seed=1, epochs=2)
             # every baseline JPEG went through the region path after its first, whole decode (the
             # first call); the PNG and the progressive file never did
             assert part.region_decodes == (3 * 2 - 1) * 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -40,3 +41,16 @@ def lossless_jpeg(image: np.ndarray) -> bytes:
     scan = bytes([c]) + b"".join(bytes([k + 1, 0x00]) for k in range(c)) + bytes([1, 0, 0])
     return (b"\xff\xd8" + segment(0xC4, bytes([0]) + bytes(bits_per_length) + bytes(range(12)))
             + segment(0xC3, frame) + segment(0xDA, scan) + bytes(data) + b"\xff\xd9")
+
+
+def assert_augments_alike(whole: Any, part: Any, ids: np.ndarray, spec: dict[str, Any], *, seed: int,
+                          epochs: int) -> None:
+    """`part` (a reader of the encoded or files layout, its images read by the worker's deferred
+    path: regions where it can) augments `ids` to the bytes `whole` (the decoded layout) gives."""
+    from augsvc import augment_batch
+
+    for epoch in range(epochs):
+        expected = augment_batch(whole.gather(ids), spec, seed=seed, epoch=epoch, sample_ids=ids)
+        images, read = part.gather_deferred(ids)
+        got = augment_batch(images, spec, seed=seed, epoch=epoch, sample_ids=ids, read=read)
+        np.testing.assert_array_equal(got, expected)
