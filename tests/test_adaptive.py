@@ -204,7 +204,7 @@ def test_augsvc_train_with_an_adaptive_strength(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "trainer_client.cli", "--out", str(out), "--epochs", "3",
                            "--train-size", "200", "--augment-strength", "adaptive", "--strength-start", "0.5",
-                           "--no-progress"], capture_output=True, text=True, timeout=840)
+                           "--strength-step", "0.05", "--no-progress"], capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["strength"] for r in rows][0] == 0.5 and all("clean_gap" in r for r in rows)
