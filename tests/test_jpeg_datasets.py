@@ -321,6 +321,31 @@ def test_on_bad_file_skip_numbers_the_good_files(tmp_path: Path, layout: str,
     np.testing.assert_array_equal(got[0], decode(blobs[5], probe(blobs[5]), 3))
 
 
+def test_a_jpeg_claiming_too_many_pixels_is_a_bad_file(tmp_path: Path) -> None:
+    """A header edited to claim 40000 x 40000: refused from its header, as a PNG bomb is (before,
+    each decode filled a 4.8 GB buffer and took seconds before finding the data short)."""
+    import struct
+
+    from augsvc.datasets.decode import TooManyPixels, decode_images
+    from augsvc.errors import LimitExceededError
+
+    make_jpeg_folder(tmp_path)
+    data = bytearray(jpeg(photo(64, 64, 0)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 40000, 40000)
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "big.jpg").write_bytes(bytes(data))
+    with pytest.raises(TooManyPixels):
+        probe(bytes(data))
+    assert probe(jpeg(photo(64, 64, 0))).height == 64
+    with pytest.raises(InvalidInputError, match=r"big\.jpg.*the image has too many pixels"):
+        load_dataset("d", str(tmp_path))
+    with load_dataset("d", str(tmp_path), on_bad_file="skip") as ds:
+        assert ds.num_samples == len(SIZES) and ds.class_names == ["a", "b", "z"]  # z keeps its name, no files
+    with pytest.raises(LimitExceededError, match=r"encoded_images\[0\]: the image has too many pixels"):
+        decode_images([bytes(data)])
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:len(data) * 2 // 3])

@@ -73,7 +73,9 @@ class DecodeFailed(Exception):
 
 
 class TooManyPixels(DecodeFailed):
-    """A header that claims more pixels than Pillow's decompression-bomb limit."""
+    """A header that claims more pixels than Pillow's decompression-bomb limit (a PNG's, checked by
+    Pillow; a JPEG's, against the same number: libjpeg-turbo would decode a file whose header was
+    edited to claim 40000x40000 into a buffer of that size, gigabytes, before finding its data short)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ def probe(data: bytes | memoryview) -> Header:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as exc:
             raise DecodeFailed(f"not a readable JPEG header ({exc})") from None
+        if int(height) * int(width) > _pixel_limit():
+            raise TooManyPixels("the image has too many pixels")
         return Header(JPEG, int(height), int(width), colorspace == "Gray", dct_coded(data))
     if head == _PNG_MAGIC:
         img = _open_png(data)
@@ -149,6 +153,13 @@ def probe(data: bytes | memoryview) -> Header:
     if not head:
         raise DecodeFailed("the file is empty")
     raise DecodeFailed("not a PNG/JPEG image")
+
+
+def _pixel_limit() -> float:
+    """Pillow's decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS), for JPEG too."""
+    from PIL import Image
+
+    return math.inf if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
 
 
 def _open_png(data: bytes | memoryview) -> Any:
