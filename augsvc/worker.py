@@ -183,8 +183,11 @@ class _Worker:
         if size is not None and channels is not None:  # refuse before the work, when we can
             self._check_output(len(job.sample_ids) * size[0] * size[1] * channels)
         if isinstance(job, DatasetBatch):  # what the samples take once read, before reading any
-            self.limits.check_work_bytes("sample_ids", self.datasets[job.dataset].nbytes(job.sample_ids),
+            reader = self.datasets[job.dataset]
+            self.limits.check_work_bytes("sample_ids", reader.nbytes(job.sample_ids),
                                          "the batch's images once read are ")
+            side = reader.largest_side(job.sample_ids)
+            self.limits.check_side("sample_ids", side, side, what="a sample's decoded side")
         images, read = self.images(job)
         segment = job.out_segment if isinstance(job, DatasetBatch) else None
         target, written_to = self._out_view(images, spec, segment)

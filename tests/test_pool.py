@@ -177,6 +177,19 @@ def test_a_dataset_batch_may_read_more_than_it_returns_within_the_work_limit(dig
         assert p.submit_batch("folder", [1], small, seed=0, epoch=0).result(TIMEOUT)[0].shape == (1, 2, 2, 3)
 
 
+def test_a_dataset_sample_over_the_side_limit_is_refused_before_it_is_read(folder: Dataset) -> None:
+    # The folder's images are 12x10, 16x16, 9x14 and 7x5 (sample order); the limit is 15.
+    color = load_spec({"transforms": [{"color": {"brightness": 0.3, "p": 1.0}}]}).to_bytes()
+    crop = load_spec({"transforms": [{"random_resized_crop": {"height": 4, "width": 4}}]}).to_bytes()
+    with WorkerPool(1, datasets={"folder": folder}, max_batch_bytes=1 << 20, max_image_side=15) as p:
+        out, _ = p.submit_batch("folder", [0, 2, 3], crop, seed=0, epoch=0).result(TIMEOUT)
+        assert out.shape == (3, 4, 4, 3)
+        for spec in (color, crop):  # read whole, or by regions: the table's sizes decide first
+            with pytest.raises(LimitExceededError, match=r"sample_ids: a sample's decoded side 16 is over the "
+                                                         r"limit of 15 pixels"):
+                p.submit_batch("folder", [0, 1], spec, seed=0, epoch=0).result(TIMEOUT)
+
+
 def test_limits(pool: WorkerPool) -> None:
     big = batch(1, 600, 600)  # 1.08 MB > 1 MiB slot
     with pytest.raises(LimitExceededError, match="max_batch_bytes"):

@@ -126,6 +126,14 @@ class DatasetReader:
         hw = self._a["decoded_hw"][ids].astype(np.int64)
         return int((hw[:, 0] * hw[:, 1]).sum()) * self.handle.channels
 
+    def largest_side(self, sample_ids: Any) -> int:
+        """The longest side among the samples' decoded images (from the dataset's table: no decode)."""
+        ids = np.asarray(sample_ids, np.int64)
+        if ids.size == 0:
+            return 0
+        shape = self.handle.image_shape
+        return max(shape[0], shape[1]) if shape is not None else int(self._a["decoded_hw"][ids].max())
+
     def gather(self, sample_ids: Any, *, copy: bool = True) -> np.ndarray | list[np.ndarray]:
         """Images for the ids: an (N, H, W, C) array when the dataset has one image shape,
         otherwise a list of (H, W, C) arrays. A sample that does not decode raises BadSampleError,
