@@ -119,6 +119,42 @@ def test_files_it_does_not_take_are_left_to_the_full_decode() -> None:
         assert not decode_region(good, probe(good), 1, np.zeros((60, 80, 4), np.uint8), box)
 
 
+def _as_arithmetic(data: bytes) -> bytes:
+    """The file with its baseline frame marker (SOF0) made SOF9: a header that says arithmetic coding
+    (no encoder for it here; its Huffman-coded data then reads as corrupt arithmetic-coded data)."""
+    frame = data.index(b"\xff\xc0")
+    return data[:frame] + b"\xff\xc9" + data[frame + 2:]
+
+
+def _first_scan_one_component(data: bytes) -> bytes:
+    """The file with its first scan header cut to its first component: a non-interleaved,
+    multi-scan sequential file as far as the header says (libjpeg's jpeg_has_multiple_scans)."""
+    sos = data.index(b"\xff\xda")
+    count = data[sos + 4]
+    assert count == 3, "a three-component file"
+    header = b"\xff\xda" + (8).to_bytes(2, "big") + b"\x01" + data[sos + 5:sos + 7] + data[sos + 5 + 2 * count:
+                                                                                           sos + 8 + 2 * count]
+    return data[:sos] + header + data[sos + 6 + 2 * count:]
+
+
+@needs_module
+def test_arithmetic_and_multi_scan_files_are_left_to_the_full_decode() -> None:
+    """The C module's own guard (the self-check only covers single-scan Huffman files): it reads the
+    header and declines, writing nothing. Without the guard (checked by removing it): the region path
+    returned the "arithmetic" file as decoded, with wrong pixels, where the full decode refuses it,
+    and raised on the multi-scan one."""
+    good = encode(photo(64, 80, 5), "420")
+    for data in (_as_arithmetic(good), _first_scan_one_component(good)):
+        header = probe(data)
+        assert (header.height, header.width) == (64, 80)
+        out = np.full((64, 80, 4), 9, np.uint8)
+        assert not decode_module._jpegregion.decode_region(data, out, 64, 80, 4, 1, 8, 8, 40, 30)
+        assert not decode_region(data, header, 1, out, (8, 8, 40, 30))
+        assert (out == 9).all()
+    out = np.full((64, 80, 4), 9, np.uint8)  # the unedited file is taken, so the edits are what is declined
+    assert decode_module._jpegregion.decode_region(good, out, 64, 80, 4, 1, 8, 8, 40, 30)
+
+
 @needs_module
 def test_corrupt_data_in_the_region_is_refused() -> None:
     data = bytearray(encode(photo(96, 96, 4), "420"))
