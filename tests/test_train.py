@@ -250,6 +250,48 @@ def test_fit_hands_each_validation_pass_per_class_to_callbacks() -> None:
     assert evaluate(model, (val_images, val_labels)) == pytest.approx(loss_and_accuracy(last))
 
 
+def test_a_resumed_run_tells_callbacks_where_it_starts_and_tensorboard_drops_the_killed_runs_epochs(
+        tmp_path: Path) -> None:
+    """A run killed after it logged epoch 2 but before epoch 2's checkpoint resumes at epoch 2:
+    fit says so to every callback (on_train_begin), and the TensorBoard log then holds each epoch
+    once (the killed run's epoch 2 purged), read from the checkpoint fit loads, not a second load."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer_client.tensorboard_log import TensorBoardCallback
+    from trainer_client.train import Callback
+
+    class Killed(Exception):
+        pass
+
+    class Starts(Callback):
+        def __init__(self, kill_at: int = 0) -> None:
+            self.kill_at, self.starts = kill_at, []
+
+        def on_train_begin(self, first_epoch: int, resumed: bool) -> None:
+            self.starts.append((first_epoch, resumed))
+
+        def on_epoch_end(self, row: dict[str, float]) -> None:
+            if row["epoch"] == self.kill_at:  # after the callbacks before it logged the epoch
+                raise Killed
+
+    images, labels = halves_data(32, seed=0)
+    config, board = quiet(epochs=3, out_dir=tmp_path / "out"), tmp_path / "tb"
+    first = Starts(kill_at=2)
+    with pytest.raises(Killed):
+        fit(tiny_model(), as_epochs(images, labels), (images, labels), config, log=lambda _: None,
+            callbacks=[TensorBoardCallback(board), first])
+    second = Starts()
+    fit(tiny_model(), as_epochs(images, labels), (images, labels), config, log=lambda _: None,
+        callbacks=[TensorBoardCallback(board), second], resume=tmp_path / "out" / "checkpoint.pt")
+    assert first.starts == [(1, False)] and second.starts == [(2, True)]
+    events = EventAccumulator(str(board), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/val")] == [1, 2, 3]  # without the purge: 1, 2, 2, 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss/val")] == pytest.approx([r["val_loss"] for r in rows], rel=1e-6)
+
+
 def test_early_stopping_stops_and_restores_best_weights(tmp_path: Path) -> None:
     # Validation has the same images as training with the labels swapped: the better the model
     # learns the training labels, the higher the validation loss, so it must stop early.

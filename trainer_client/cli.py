@@ -42,7 +42,7 @@ from .adaptive import (
     gaps_from_sums,
     parse_strength,
 )
-from .checkpoint import gather_objects, load_checkpoint
+from .checkpoint import gather_objects
 from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
@@ -187,8 +187,7 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
         if args.tensorboard and world.is_main:
             from .tensorboard_log import TensorBoardCallback
 
-            hooks.append(TensorBoardCallback(args.tensorboard, images_every=args.tb_images_every,
-                                             purge_step=_first_epoch(args.resume)))
+            hooks.append(TensorBoardCallback(args.tensorboard, images_every=args.tb_images_every))
         if world.is_main:
             (out / "spec.yaml").write_text(spec.to_yaml())
         with stream, val_stream:
@@ -239,14 +238,6 @@ def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spe
 
     return StrengthCallback(schedule, epochs, controller=StrengthController(settings, info.num_classes),
                             measure=measure)
-
-
-def _first_epoch(resume: str | None) -> int | None:
-    """The first epoch a run resumed from checkpoint `resume` writes (None: a new run)."""
-    if resume is None:
-        return None
-    run = load_checkpoint(Path(resume))["run"]
-    return int(run["epoch"]) + int(bool(run["epoch_done"]))
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

@@ -162,7 +162,9 @@ class _PinnedRing:
     """Page-locked staging buffers, a few per tensor layout, reused round-robin: allocating pinned
     memory (cudaHostAlloc) synchronises the whole device, so after a layout's first batch staging
     never allocates. A buffer is refilled only once the copy that last read it has finished (long
-    done in steady state: it is `SLOTS` batches old, and one batch is held ahead)."""
+    done in steady state: it is `SLOTS` batches old, and one batch is held ahead). A new feed (the
+    trainer makes one per pass) allocates again, but torch's caching host allocator hands back the
+    pinned blocks the last feed freed, so only the first pass calls cudaHostAlloc."""
 
     SLOTS = 3
 

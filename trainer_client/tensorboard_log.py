@@ -26,8 +26,8 @@ _NOT_SCALARS = {"epoch", "seconds"}
 
 class TensorBoardCallback(Callback):
     """Writes a run's scalars and sample grids to `log_dir` (rank 0 only: give it to rank 0's fit).
-    purge_step: the first epoch this run writes (a resumed run drops what a killed one wrote from
-    there on)."""
+    A resumed run drops what a killed one wrote from its first epoch on (SummaryWriter's
+    purge_step, from `on_train_begin`); purge_step: that epoch, given here instead."""
 
     def __init__(self, log_dir: Path | str, *, images_every: int = 5, max_images: int = 32,
                  purge_step: int | None = None) -> None:
@@ -38,9 +38,23 @@ class TensorBoardCallback(Callback):
         except ImportError as exc:
             raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'augsvc[tensorboard]'") \
                 from exc
-        self.writer: Any = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self._summary_writer: Any = SummaryWriter
+        self._log_dir = str(log_dir)
+        self._purge_step = purge_step
+        self._writer: Any = None
         self.images_every, self.max_images = images_every, max_images
         self._grid: torch.Tensor | None = None
+
+    @property
+    def writer(self) -> Any:
+        """The SummaryWriter, opened on first use (after `on_train_begin`, which may set its purge step)."""
+        if self._writer is None:
+            self._writer = self._summary_writer(self._log_dir, purge_step=self._purge_step)
+        return self._writer
+
+    def on_train_begin(self, first_epoch: int, resumed: bool) -> None:
+        if resumed and self._purge_step is None and self._writer is None:
+            self._purge_step = first_epoch
 
     def on_batch(self, event: StepEvent) -> None:
         if event.position == 1 and event.epoch % self.images_every == 0:
@@ -58,4 +72,5 @@ class TensorBoardCallback(Callback):
         self.writer.flush()
 
     def on_train_end(self, history: History) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

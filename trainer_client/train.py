@@ -140,6 +140,10 @@ class StepEvent:
 class Callback:
     """Hooks into `fit`; each does nothing unless overridden. Called on every rank."""
 
+    def on_train_begin(self, first_epoch: int, resumed: bool) -> None:
+        """Training starts, at epoch `first_epoch` (1-based): 1 for a new run; for a resumed one,
+        the epoch its checkpoint was written in, or the next when that epoch was done."""
+
     def on_batch(self, event: StepEvent) -> None:
         """A batch was received; the step on it follows."""
 
@@ -461,6 +465,8 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
             write_metrics(out, state.rows)
         if state.epoch_done:
             state.epoch, state.step, sums = state.epoch + 1, 0, [0.0, 0.0, 0.0]
+        for callback in callbacks:
+            callback.on_train_begin(state.epoch, resume is not None)
         while state.epoch <= config.epochs and not state.stopped_early:
             epoch = state.epoch
             lr = float(optimizer.param_groups[0]["lr"])
