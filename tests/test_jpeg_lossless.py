@@ -89,3 +89,31 @@ def test_a_folder_with_lossless_files_decodes_them_whole_under_a_decode_size(tmp
         finally:
             whole.close()
             part.close()
+
+
+@pytest.mark.parametrize("precision", [12, 16])
+def test_a_jpeg_of_more_than_8_bits_is_a_bad_file_that_says_so(tmp_path: Path, precision: int) -> None:
+    """The decoder reads 8-bit samples. A 12- or 16-bit lossless JPEG (medical images often are) or
+    a 12-bit DCT one is refused from its header, at start, with a message naming the bit depth —
+    before, its header read fine and each decode failed as "corrupt or truncated JPEG data"."""
+    deep = (photo(40, 56, gray=True).astype(np.uint16) << (precision - 9)) | 5  # differences below 2**15
+    data = lossless_jpeg(deep, precision)
+    with pytest.raises(DecodeFailed, match=rf"a {precision}-bit JPEG: only 8-bit JPEGs are read"):
+        probe(data)
+    baseline = bytearray(jpeg(photo(40, 56)))
+    baseline[baseline.index(b"\xff\xc0") + 4] = 12  # SOF0's precision byte: a 12-bit header
+    with pytest.raises(DecodeFailed, match="a 12-bit JPEG"):
+        probe(bytes(baseline))
+    assert probe(lossless_jpeg(photo(40, 56, gray=True) >> 2, 6)).dct is False  # fewer bits: read (2-8)
+    np.testing.assert_array_equal(decode(lossless_jpeg(photo(40, 56, gray=True) >> 2, 6),
+                                         probe(lossless_jpeg(photo(40, 56, gray=True) >> 2, 6)), 1)[:, :, 0],
+                                  photo(40, 56, gray=True) >> 2)
+
+    for name, content in (("a/one.jpg", jpeg(photo(40, 56))), ("a/two.jpg", jpeg(photo(40, 56, gray=True))),
+                          ("b/deep.jpg", data)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(Exception, match=rf"deep\.jpg.*a {precision}-bit JPEG"):
+        load_dataset("d", str(tmp_path))
+    with load_dataset("d", str(tmp_path), on_bad_file="skip", layout="files") as ds:
+        assert ds.num_samples == 2

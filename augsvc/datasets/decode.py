@@ -145,7 +145,12 @@ def probe(data: bytes | memoryview) -> Header:
             raise DecodeFailed(f"not a readable JPEG header ({exc})") from None
         if int(height) * int(width) > _pixel_limit():
             raise TooManyPixels("the image has too many pixels")
-        return Header(JPEG, int(height), int(width), colorspace == "Gray", dct_coded(data))
+        frame = _frame(data)
+        if frame is not None and frame[1] > 8:  # 12-bit DCT or 9-16-bit lossless: the decoder reads 8-bit only
+            raise DecodeFailed(f"a {frame[1]}-bit JPEG: only 8-bit JPEGs are read (convert it to an 8-bit "
+                               "JPEG, or to a 16-bit PNG, whose high byte is used)")
+        return Header(JPEG, int(height), int(width), colorspace == "Gray",
+                      frame is not None and frame[0] not in _LOSSLESS_FRAMES)
     if head == _PNG_MAGIC:
         img = _open_png(data)
         with img:
@@ -286,16 +291,24 @@ _LOSSLESS_FRAMES = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 _FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
+def _frame(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(start-of-frame marker, sample precision in bits) of a JPEG's first frame; None for data with
+    no frame before its first scan (which no decoder reads)."""
+    view = memoryview(data).cast("B")
+    for marker, pos in _markers(view):
+        if marker in _FRAMES:
+            return marker, view[pos + 4] if pos + 4 < len(view) else 0
+        if marker == 0xDA:
+            break
+    return None
+
+
 def dct_coded(data: bytes | memoryview) -> bool:
     """Whether a JPEG's frame is DCT-coded (baseline, extended, progressive; Huffman or arithmetic),
     read from its first start-of-frame marker: False for a lossless JPEG, and for data with no
     frame before its first scan (which no decoder reads)."""
-    for marker, _pos in _markers(memoryview(data).cast("B")):
-        if marker in _FRAMES:
-            return marker not in _LOSSLESS_FRAMES
-        if marker == 0xDA:
-            break
-    return False
+    frame = _frame(data)
+    return frame is not None and frame[0] not in _LOSSLESS_FRAMES
 
 
 def regions_available() -> bool:
