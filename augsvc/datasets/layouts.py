@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,8 +34,8 @@ from .decode import DecodeFailed, Header, decode, decode_region, probe
 from .scan import read_file
 from .sources import path_at
 
-#: read(k, box): fill image k of a deferred gather, only the rectangle box = (x0, y0, x1, y1) if given.
-Read = Callable[[int, "tuple[int, int, int, int] | None"], None]
+if TYPE_CHECKING:  # the engine's type, not its import: a dataset reader needs no engine
+    from ..engine import ReadImage
 
 __all__ = ["LAYOUTS", "DatasetHandle", "DatasetReader", "Field", "attach", "build_segment"]
 
@@ -164,7 +164,7 @@ class DatasetReader:
             return out
         return [self._decode(int(i), None) for i in ids]
 
-    def gather_deferred(self, sample_ids: Any) -> tuple[np.ndarray | list[np.ndarray], Read | None]:
+    def gather_deferred(self, sample_ids: Any) -> tuple[np.ndarray | list[np.ndarray], ReadImage | None]:
         """`gather(copy=False)` with the decoding left to the caller: (images, read), where the
         images have their final shapes and read(k, box) fills image k (at most once, before
         anything reads its pixels; BadSampleError as in `gather`) — a JPEG only in the rectangle

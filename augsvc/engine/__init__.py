@@ -28,7 +28,11 @@ from .fused import read_boxes, run_fused
 from .images import Images
 from .reference import run_reference
 
-__all__ = ["augment_batch", "check_images", "source_boxes", "BACKENDS", "DEFAULT_MAX_SIDE"]
+__all__ = ["augment_batch", "check_images", "source_boxes", "BACKENDS", "DEFAULT_MAX_SIDE", "ReadImage"]
+
+#: read(i, box): fill image i — only the rectangle box = (x0, y0, x1, y1), or all of it when box is
+#: None — before anything reads its pixels (`augment_batch(read=)`, `DatasetReader.gather_deferred`).
+ReadImage = Callable[[int, "tuple[int, int, int, int] | None"], None]
 
 BACKENDS: dict[str, Callable[[Images, list[Draw[Any]], Spec, np.ndarray | None], Images]] = {
     "fused": run_fused,
@@ -63,7 +67,7 @@ def check_images(images: np.ndarray | Sequence[np.ndarray], *, max_side: int = D
 def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed: int, epoch: int,
                   sample_ids: Any, backend: str = "fused", max_side: int = DEFAULT_MAX_SIDE,
                   out: np.ndarray | None = None, strength: Any = None, max_bytes: int | None = None,
-                  read: Callable[[int, tuple[int, int, int, int] | None], None] | None = None) -> np.ndarray:
+                  read: ReadImage | None = None) -> np.ndarray:
     """Augment a batch; returns a new uint8 array (N, H', W', C), or `out` when given.
 
     max_side, max_bytes: refuse (LimitExceededError) input or output images with a longer side,
@@ -130,7 +134,7 @@ def augment_batch(images: np.ndarray | Sequence[np.ndarray], spec: Any, *, seed:
             for i in range(len(work)):
                 read(i, None)
         else:
-            def fill(i: int, read: Callable[[int, tuple[int, int, int, int] | None], None] = read,
+            def fill(i: int, read: ReadImage = read,
                      boxes: np.ndarray = boxes) -> None:
                 read(i, (int(boxes[i, 0]), int(boxes[i, 1]), int(boxes[i, 2]), int(boxes[i, 3])))
     if (out_h != out_h[0]).any() or (out_w != out_w[0]).any():
