@@ -151,12 +151,10 @@ class DatasetReader:
                     read(k, None)
             return images
         ids = self._checked(sample_ids)
-        a, shape = self._a, self.handle.image_shape
-        if "pixels" in a and a["pixels"].ndim == 4:
-            dense: np.ndarray = a["pixels"][ids]
-            return dense
-        if self.handle.layout == "decoded":
-            return [self._view(int(i), True) for i in ids]
+        held = self._decoded(ids, copy=True)
+        if held is not None:
+            return held
+        shape = self.handle.image_shape
         if shape is not None:
             out = np.empty((len(ids), *shape), np.uint8)
             for k, i in enumerate(ids):
@@ -175,12 +173,10 @@ class DatasetReader:
         worker's job is cheaper than its decode and augment measured apart). read is None when
         nothing is left to decode (decoded layout)."""
         ids = self._checked(sample_ids)
+        held = self._decoded(ids, copy=False)
+        if held is not None:
+            return held, None
         a, shape = self._a, self.handle.image_shape
-        if "pixels" in a and a["pixels"].ndim == 4:
-            dense: np.ndarray = a["pixels"][ids]
-            return dense, None
-        if self.handle.layout == "decoded":
-            return [self._view(int(i), False) for i in ids], None
         if shape is not None:
             count = len(ids) * shape[0] * shape[1] * shape[2]
             targets: Any = self._scratch(count).reshape(len(ids), *shape)
@@ -205,6 +201,17 @@ class DatasetReader:
             self._decode(int(ids[k]), targets[k], box)
 
         return images, read
+
+    def _decoded(self, ids: np.ndarray, copy: bool) -> np.ndarray | list[np.ndarray] | None:
+        """The images of the ids where the dataset holds them decoded (one array, or the decoded
+        layout's views, copied if `copy`); None where they are still to be decoded."""
+        pixels = self._a.get("pixels")
+        if pixels is not None and pixels.ndim == 4:
+            dense: np.ndarray = pixels[ids]  # indexing with an array copies
+            return dense
+        if self.handle.layout == "decoded":
+            return [self._view(int(i), copy) for i in ids]
+        return None
 
     def _checked(self, sample_ids: Any) -> np.ndarray:
         """The ids as int64, refusing any that loading found bad."""
