@@ -180,6 +180,8 @@ def test_dataloader_without_workers_yields_the_stream(client: AugmentClient) -> 
     assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and len(ids) == BATCH
 
 
+@pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning")  # gc scan touches it
+@pytest.mark.filterwarnings("ignore:Got pickle error when attempting to start a worker:UserWarning")  # the refusal
 def test_dataloader_with_workers_is_refused_with_what_to_do(client: AugmentClient) -> None:
     """The loaders' iterators are gone when the test ends: left in cyclic garbage, an iterator's
     __del__ joins worker processes in whatever thread collects next (a later stream's fetch
