@@ -107,6 +107,7 @@ def test_a_jpeg_of_more_than_8_bits_is_a_bad_file_that_says_so(tmp_path: Path, p
         probe(bytes(baseline))
     shallow = photo(40, 56, gray=True) >> 2
     six = lossless_jpeg(shallow, 6)  # fewer bits than 8 are read (2-8): to their exact values
+    assert probe(six).dct is False
     np.testing.assert_array_equal(decode(six, probe(six), 1)[:, :, 0], shallow)
 
     for name, content in (("a/one.jpg", jpeg(photo(40, 56))), ("a/two.jpg", jpeg(photo(40, 56, gray=True))),

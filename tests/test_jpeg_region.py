@@ -132,9 +132,10 @@ def _first_scan_one_component(data: bytes) -> bytes:
     sos = data.index(b"\xff\xda")
     count = data[sos + 4]
     assert count == 3, "a three-component file"
-    header = b"\xff\xda" + (8).to_bytes(2, "big") + b"\x01" + data[sos + 5:sos + 7] + data[sos + 5 + 2 * count:
-                                                                                           sos + 8 + 2 * count]
-    return data[:sos] + header + data[sos + 6 + 2 * count:]
+    first = data[sos + 5:sos + 7]  # the first component's selector and tables
+    spectral = data[sos + 5 + 2 * count:sos + 8 + 2 * count]  # Ss, Se, Ah/Al
+    header = b"\xff\xda" + (8).to_bytes(2, "big") + b"\x01" + first + spectral
+    return data[:sos] + header + data[sos + 8 + 2 * count:]
 
 
 @needs_module
