@@ -4,9 +4,12 @@ the --augment-strength schedules, the clean-gap measurement, and the study's --q
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,3 +333,56 @@ def test_study_summary_regrets_selection_and_bootstrap() -> None:
     adaptive = boot["arms"]["adaptive"]
     assert adaptive["low"] == pytest.approx(0.0) and adaptive["high"] > 0.002
     assert adaptive["below_every_fixed"] == 1.0  # never as high as fixed 0.5's 0.02
+
+
+def test_study_ideal_controller_pass_rates() -> None:
+    """How often an ideal controller would pass each half of the bar. Regret bar: certain where the
+    best fixed strength moves with the size and nothing is noisy; 1 in (k + 1) on a flat curve at
+    one size (the perfect controller passes there only by beating all k fixed arms, exchangeable
+    with it); the pooled residual deviation is the two-way table's. Interval bar: the t interval's
+    chance, from the noncentral t distribution of a paired study with that deviation."""
+    from scipy import stats
+
+    from trainer_client.study import INTERVAL_BAR, StudyConfig, _t95, study_arms, summarize
+
+    fixed = (0.0, 0.5, 1.0)
+
+    def results(config: StudyConfig, acc: Callable[[int, int, str], float]) -> list[dict[str, Any]]:
+        return [{"size": z, "seed": s, "arm": arm.name, "test_acc": acc(z, s, arm.name), "test_worst_class": 0.5,
+                 "val_acc": 0.5} for z in config.sizes for s in config.seeds for arm in config.arms]
+
+    # the best strength moves with the size (s = 0.5 is 0.005 short of it at both), seeds shift every
+    # arm alike: no noise, so a perfect controller always passes
+    moving = StudyConfig(sizes=(10, 30), seeds=(0, 1, 2), arms=study_arms(fixed))
+    gain = {10: {"fixed 1.00": 0.02, "fixed 0.50": 0.015}, 30: {"fixed 0.00": 0.02, "fixed 0.50": 0.015}}
+    summary = summarize(results(moving, lambda z, s, a: 0.9 + 0.01 * s + gain[z].get(a, 0.0)), moving)
+    assert summary["worst_regret"]["fixed 0.50"] == pytest.approx(0.005)
+    ideal = summary["ideal_controller"]
+    assert ideal["sigma"] == {10: pytest.approx(0.0, abs=1e-12), 30: pytest.approx(0.0, abs=1e-12)}
+    assert ideal["regret_bar"] == {3: 1.0, 6: 1.0, 12: 1.0}
+    # a flat curve at one size with a +-d checkerboard of per-run noise; the adaptive arm 0.01 up
+    # on odd seeds against the arm chosen on validation (every seed: the first fixed arm)
+    flat = StudyConfig(sizes=(10,), seeds=(0, 1, 2, 3), arms=study_arms(fixed))
+    d = 0.004
+    index = {arm.name: i for i, arm in enumerate(flat.arms)}
+
+    def flat_acc(z: int, s: int, a: str) -> float:
+        return 0.9 + (d if (s + index[a]) % 2 else -d) + (0.01 if a == "adaptive" and s % 2 else 0.0)
+
+    summary = summarize(results(flat, flat_acc), flat)
+    assert summary["sizes"][10]["chosen"] == ["fixed 0.00"] * 4
+    ideal = summary["ideal_controller"]
+    resid = np.array([[d if (s + i) % 2 else -d for i in range(len(fixed))] for s in flat.seeds])
+    resid = resid - resid.mean(0) - resid.mean(1, keepdims=True) + resid.mean()
+    assert ideal["sigma"][10] == pytest.approx(math.sqrt((resid ** 2).sum() / (3 * 2)))
+    for rate in ideal["regret_bar"].values():
+        assert rate == pytest.approx(1 / (len(fixed) + 1), abs=0.03)
+    diff = np.array([flat_acc(10, s, "adaptive") - flat_acc(10, s, "fixed 0.00") for s in flat.seeds])
+    sd = ideal["paired_sd"][10]
+    assert sd == pytest.approx(diff.std(ddof=1))
+    assert set(ideal["interval_bar"]) == {4, 8, 16}
+    for n, rate in ideal["interval_bar"].items():
+        # low > bar  <=>  (mean - bar) / (sd_hat / sqrt(n)) > t95: a noncentral t with df n - 1
+        expected = stats.nct.sf(_t95(n), n - 1, -INTERVAL_BAR * math.sqrt(n) / sd)
+        assert rate == pytest.approx(expected, abs=0.03)
+    assert 0.05 < ideal["interval_bar"][4] < ideal["interval_bar"][16] < 0.95

@@ -14,7 +14,8 @@ at any strength — and is scored on the test set after its last step.
 
 Each run's result is a JSON file under the output folder, so an interrupted study resumes where
 it stopped; `report` turns whatever has finished into a table, the paired differences, the
-fixed-strength curve per size and the s(t) plot.
+fixed-strength curve per size, the s(t) plot, and how often an ideal controller would pass the
+issue's bar with this study's noise.
 """
 
 from __future__ import annotations
@@ -312,7 +313,8 @@ def summarize(results: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
                     diff = np.array([by[(size, s, name)]["test_acc"] for s in seeds]) - selected
                     half = _t95(len(diff)) * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
                     paired[name] = {"mean": float(diff.mean()), "low": float(diff.mean() - half),
-                                    "high": float(diff.mean() + half)}
+                                    "high": float(diff.mean() + half),
+                                    "sd": float(diff.std(ddof=1)) if len(diff) > 1 else math.nan}
         out["sizes"][size] = {"rows": rows, "paired": paired, "chosen": chosen}
     worst_regret = {}
     for name in [*names, "fixed, chosen on validation"]:
@@ -322,6 +324,7 @@ def summarize(results: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
             worst_regret[name] = max(regrets)
     out["worst_regret"] = worst_regret
     out["worst_regret_bootstrap"] = _bootstrap_worst_regret(by, config, names, fixed)
+    out["ideal_controller"] = _ideal_controller(by, config, fixed, out)
     return out
 
 
@@ -349,6 +352,65 @@ def _bootstrap_worst_regret(by: dict[tuple[int, int, str], dict[str, Any]], conf
         arms[name] = {"regret": float(w[0]), "low": float(np.percentile(w[1:], 2.5)),
                       "high": float(np.percentile(w[1:], 97.5)), "below_every_fixed": float(below.mean())}
     return {"seeds": seeds, "resamples": resamples, "arms": arms}
+
+
+#: The issue's first bar: at every size the paired interval (adaptive - fixed chosen on validation)
+#: has its lower end above -0.5 points.
+INTERVAL_BAR = -0.005
+
+
+def _ideal_controller(by: dict[tuple[int, int, str], dict[str, Any]], config: StudyConfig,
+                      fixed: Sequence[str], summary: dict[str, Any], trials: int = 4000) -> dict[str, Any]:
+    """How often an ideal controller would pass each half of the bar, with this study's noise, in
+    studies of n, 2n and 4n seeds (n: the fewest complete seeds of a size).
+
+    Regret bar (worst-size regret below every fixed arm's): a "perfect" controller is, at every
+    size, exactly as good in expectation as the best fixed arm there. Model, per size: a run's test
+    accuracy = its arm's mean (this study's) + the seed's shift (shared by every arm, so it cancels
+    in a regret) + the run's own noise, normal with the pooled residual deviation sigma of the
+    fixed arms' seed x arm table (seed and arm effects removed). A simulated study draws each fixed
+    arm's mean and the perfect controller's (expectation: the best fixed mean) with deviation
+    sigma / sqrt(n) and scores the bar as the report does. Taking this study's means as the truth
+    keeps their noise in the fixed curve, which makes it steeper than the truth and so, if
+    anything, flatters the perfect controller.
+
+    Interval bar (lower end of the paired 95% interval above INTERVAL_BAR at every size): a
+    controller exactly as good in expectation as the fixed arm chosen on validation, its paired
+    differences normal with mean 0 and this study's deviation of (adaptive - chosen) at that size."""
+    seeds = summary["complete_seeds"]
+    if len(fixed) < 2 or any(len(seeds.get(z, [])) < 2 for z in config.sizes):
+        return {}
+    means, sigma = {}, {}
+    for z in config.sizes:
+        table = np.array([[by[(z, s, f)]["test_acc"] for f in fixed] for s in seeds[z]])  # [seed, arm]
+        resid = table - table.mean(axis=0) - table.mean(axis=1, keepdims=True) + table.mean()
+        means[z] = table.mean(axis=0)
+        sigma[z] = float(math.sqrt((resid ** 2).sum() / ((table.shape[0] - 1) * (table.shape[1] - 1))))
+    paired_sd = {z: summary["sizes"][z]["paired"]["adaptive"]["sd"] for z in config.sizes
+                 if "adaptive" in summary["sizes"][z]["paired"]}
+    n = min(len(seeds[z]) for z in config.sizes)
+    rng = np.random.default_rng(0)  # the same figures every time the report is written
+    regret_bar, interval_bar = {}, {}
+    for n_seeds in (n, 2 * n, 4 * n):
+        worst_fixed = np.zeros((trials, len(fixed)))
+        worst_perfect = np.full(trials, -np.inf)
+        for z in config.sizes:
+            draw = rng.normal(0.0, sigma[z] / math.sqrt(n_seeds), (trials, len(fixed) + 1))
+            arms = means[z][None] + draw[:, :-1]
+            perfect = means[z].max() + draw[:, -1]
+            best = arms.max(axis=1)
+            worst_fixed = np.maximum(worst_fixed, best[:, None] - arms)
+            worst_perfect = np.maximum(worst_perfect, best - perfect)
+        regret_bar[n_seeds] = float(np.mean(worst_perfect < worst_fixed.min(axis=1)))
+        if len(paired_sd) == len(config.sizes):
+            passes = np.ones(trials, bool)
+            for sd in paired_sd.values():
+                diff = rng.normal(0.0, sd, (trials, n_seeds))
+                low = diff.mean(axis=1) - _t95(n_seeds) * diff.std(axis=1, ddof=1) / math.sqrt(n_seeds)
+                passes &= low > INTERVAL_BAR
+            interval_bar[n_seeds] = float(passes.mean())
+    return {"sigma": sigma, "paired_sd": paired_sd, "trials": trials, "regret_bar": regret_bar,
+            "interval_bar": interval_bar}
 
 
 def report(out: Path, config: StudyConfig) -> dict[str, Any]:
@@ -383,6 +445,21 @@ def report(out: Path, config: StudyConfig) -> dict[str, Any]:
                   "| --- | --- | --- | --- |"]
         lines += [f"| {n} | {100 * a['regret']:+.2f} | {100 * a['low']:+.2f} to {100 * a['high']:+.2f} | "
                   f"{100 * a['below_every_fixed']:.1f}% |" for n, a in boot["arms"].items()]
+    ideal = summary["ideal_controller"]
+    if ideal:
+        lines += ["", "## How often would an ideal controller pass the bar?", "",
+                  "Simulated studies with this study's noise: per-run deviation of the fixed arms (pooled residual "
+                  "of the seed x arm table) " + ", ".join(f"{100 * v:.2f}" for v in ideal["sigma"].values())
+                  + " pts and of the paired differences adaptive − chosen on validation "
+                  + (", ".join(f"{100 * v:.2f}" for v in ideal["paired_sd"].values()) or "-")
+                  + f" pts at {' / '.join(str(z) for z in ideal['sigma'])} per class; {ideal['trials']} "
+                  "studies each. Regret bar: a controller exactly as good as the best fixed arm at every size "
+                  "(taking these means as the truth). Interval bar: one exactly as good as the fixed arm chosen "
+                  f"on validation (lower end above {100 * INTERVAL_BAR:+.1f} points at every size).", "",
+                  "| seeds | regret bar passed | interval bar passed |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {100 * r:.0f}% | "
+                  + (f"{100 * ideal['interval_bar'][n]:.0f}%" if n in ideal["interval_bar"] else "-") + " |"
+                  for n, r in ideal["regret_bar"].items()]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     _plot(results, summary, config, out / "study.png")
     return summary
@@ -482,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(out, config)
     for name, regret in summary["worst_regret"].items():
         print(f"worst-size regret {name}: {100 * regret:+.2f} points")
+    ideal = summary["ideal_controller"]
+    for n_seeds, rate in ideal.get("regret_bar", {}).items():
+        interval = ideal["interval_bar"].get(n_seeds)
+        print(f"{n_seeds}-seed studies: a perfect controller passes the regret bar in {100 * rate:.0f}%"
+              + (f"; one as good as the validation-chosen arm passes the interval bar in {100 * interval:.0f}%"
+                 if interval is not None else ""))
     print(f"wrote {out}/study.md, {out}/study.json, {out}/study.png")
     return 0
 
