@@ -95,7 +95,7 @@ def load_datasets(settings: ServerSettings) -> dict[str, Dataset]:
             datasets[name] = load_dataset(
                 name, source, builtin_side=settings.builtin_side, cache_budget_bytes=settings.cache_budget_bytes,
                 decode_size=settings.decode_sizes.get(name), layout=settings.layouts.get(name, "auto"),
-                on_bad_file=settings.on_bad_file, verify=settings.verify)
+                on_bad_file=settings.on_bad_file, verify=settings.verify, max_image_side=settings.max_image_side)
     except BaseException:
         for ds in datasets.values():
             ds.close()

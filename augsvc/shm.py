@@ -39,8 +39,8 @@ from .procfs import alive, mapped_files, pid_namespace, start_time
 
 __all__ = ["CLIENT_HEADER_BYTES", "CLIENT_SEGMENT_FORM", "CLIENT_SEGMENT_PREFIX", "CLIENT_TOKEN_BYTES",
            "SEGMENT_PREFIX", "SHM_DIR", "attach_segment", "client_pixels", "create_client_segment", "create_segment",
-           "is_client_segment", "is_unlinked", "release_segment", "segments_of", "sweep_stale_segments",
-           "unlink_segments_of", "usable_client_segment"]
+           "is_client_segment", "is_unlinked", "release_segment", "segments_of", "shm_free_bytes",
+           "sweep_stale_segments", "unlink_segments_of", "usable_client_segment"]
 
 log = logging.getLogger("augsvc.shm")
 
@@ -134,16 +134,21 @@ def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     return removed
 
 
+def shm_free_bytes() -> int | None:
+    """The bytes /dev/shm can still hold (None where it cannot be asked)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def create_segment(size: int, tag: str, *, reserve: bool, client: bool = False) -> SharedMemory:
     """A new segment named after this process, registered with the resource tracker so that it
     is unlinked even if the creator dies. ``reserve``: fail now (instead of SIGBUS on a later
     write) when /dev/shm cannot hold it; otherwise only warn, since slots are rarely full."""
     size = max(int(size), 1)
-    try:
-        st = os.statvfs("/dev/shm")
-        free = st.f_bavail * st.f_frsize
-    except OSError:
-        free = None
+    free = shm_free_bytes()
     if free is not None and size > free:
         msg = (f"shared memory: {size} bytes needed for {tag!r} but /dev/shm has {free} free; "
                "give the container more (docker --shm-size, a k8s emptyDir with medium Memory)")

@@ -32,7 +32,7 @@ from augsvc.datasets.decode import DecodeFailed, decode, probe
 from augsvc.errors import BadSampleError, InvalidInputError
 from augsvc.pool import WorkerPool
 from augsvc.samples import sample_photo
-from augsvc.server import ServerSettings
+from augsvc.server import ServerSettings, create_server
 from augsvc.v1 import augment_pb2 as pb
 
 SPEC = {"transforms": [{"random_resized_crop": {"height": 24, "width": 24}}, {"hflip": {"p": 0.5}},
@@ -168,6 +168,49 @@ def test_auto_layout_follows_the_cache_budget(tmp_path: Path) -> None:
                            (encoded - 1, "files"), (0, "files")]:
         with load_dataset("d", str(tmp_path), cache_budget_bytes=budget) as ds:
             assert ds.layout == layout, budget
+
+
+def test_auto_layout_leaves_half_of_dev_shm_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A container's small /dev/shm (docker's default is 64 MB) caps the automatic choice as the
+    cache budget does, at half its free space: before, a folder over it but under the budget
+    chose "decoded" and the server refused to start."""
+    import augsvc.datasets.dataset as dataset_module
+
+    blobs = make_jpeg_folder(tmp_path)
+    pixels = sum(h * w * 3 for h, w in SIZES)
+    encoded = sum(len(b) for b in blobs)
+    for free, layout in [(2 * pixels, "decoded"), (2 * pixels - 2, "encoded"), (2 * encoded - 2, "files"),
+                         (None, "decoded")]:  # None: /dev/shm cannot be asked; the budget alone decides
+        monkeypatch.setattr(dataset_module, "shm_free_bytes", lambda free=free: free)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="augsvc.datasets"), load_dataset("d", str(tmp_path)) as ds:
+            assert ds.layout == layout, free
+        assert (f"layout {layout}, not decoded, because /dev/shm has room for" in caplog.text) == (
+            layout != "decoded"), free
+    monkeypatch.setattr(dataset_module, "shm_free_bytes", lambda: 0)
+    with load_dataset("d", str(tmp_path), layout="encoded") as ds:  # asked for by name: not capped
+        assert ds.layout == "encoded"
+
+
+def test_an_image_over_the_side_limit_is_a_bad_file_at_start(tmp_path: Path) -> None:
+    """No request could read a file whose decoded side is over --max-image-side: it is a bad file
+    at start (before, the server started and every epoch failed on it). --decode-size can bring a
+    JPEG under the limit; pixel sources over it are refused."""
+    make_jpeg_folder(tmp_path)  # sides up to 200
+    with pytest.raises(InvalidInputError, match=r"2 of 6 files .*02\.jpg: its decoded side 200 is over "
+                                                r"--max-image-side 128 \(raise it or decode JPEGs smaller "
+                                                r"\(--decode-size d=shorter:N\)\)"):
+        load_dataset("d", str(tmp_path), max_image_side=128)
+    with load_dataset("d", str(tmp_path), max_image_side=128, on_bad_file="skip") as ds:
+        assert ds.num_samples == 4 and max(max(x.shape[:2]) for x in gather(ds, [0, 1, 2, 3])) <= 128
+    with load_dataset("d", str(tmp_path), max_image_side=128, decode_size="shorter:24") as ds:
+        assert ds.num_samples == len(SIZES)  # each decodes at a DCT scale that brings it under 128
+    with pytest.raises(InvalidInputError, match="its images are 32x32, over --max-image-side 16"):
+        load_dataset("d", "builtin:digits", max_image_side=16)
+    settings = ServerSettings(workers=1, datasets={"p": str(tmp_path)}, max_image_side=128)
+    with pytest.raises(InvalidInputError, match="decoded side 200 is over --max-image-side 128"):
+        create_server("127.0.0.1:0", settings)  # the server's limit reaches the loading
 
 
 def test_pool_output_is_bit_identical_across_layouts_sizes_and_worker_counts(tmp_path: Path) -> None:
@@ -346,6 +389,27 @@ def test_a_jpeg_claiming_too_many_pixels_is_a_bad_file(tmp_path: Path) -> None:
         decode_images([bytes(data)])
 
 
+def test_a_class_folder_named_in_another_encoding(tmp_path: Path) -> None:
+    """A class folder whose name is not UTF-8 (Latin-1 "café") is published with the odd byte as
+    \\xe9 (class names are protobuf strings; before, ListDatasets failed for every dataset of
+    the server); two names that would become one are refused at start."""
+    make_jpeg_folder(tmp_path)
+    latin = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(latin)
+    with open(os.path.join(latin, b"x.jpg"), "wb") as f:
+        f.write(jpeg(photo(30, 30, 5)))
+    with load_dataset("d", str(tmp_path)) as ds:
+        assert ds.class_names == ["a", "b", "caf\\xe9"] and ds.num_samples == len(SIZES) + 1
+    settings = ServerSettings(workers=1, datasets={"p": str(tmp_path), "digits": "builtin:digits"})
+    with serve(settings) as s:
+        listed = s.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=30)
+        assert {d.name: list(d.class_names) for d in listed.datasets}["p"] == ["a", "b", "caf\\xe9"]
+    (tmp_path / "caf\\xe9").mkdir()
+    (tmp_path / "caf\\xe9" / "y.jpg").write_bytes(jpeg(photo(30, 30, 6)))
+    with pytest.raises(InvalidInputError, match=r"class names \['caf\\\\xe9'\] are each two classes"):
+        load_dataset("d", str(tmp_path))
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:len(data) * 2 // 3])
@@ -399,14 +463,36 @@ def test_truncated_sample_is_invalid_argument_counted_by_the_server(tmp_path: Pa
 
 
 def test_the_file_changed_since_loading(tmp_path: Path) -> None:
+    """The files layout reads a file per request: one replaced, edited in place or removed since
+    the start has its sample refused — also when the new image has the old one's size (before,
+    its new pixels were served silently)."""
     make_jpeg_folder(tmp_path)
     with load_dataset("d", str(tmp_path), layout="files") as ds:
         (tmp_path / "a" / "00.jpg").write_bytes(jpeg(photo(33, 44, 9)))
         with pytest.raises(BadSampleError, match="sample 0 of dataset 'd': the file changed since"):
             gather(ds, [0])
+        same_size = tmp_path / "b" / "03.jpg"
+        old = same_size.read_bytes()
+        new = jpeg(photo(*SIZES[3], 99))
+        assert (probe(new).height, probe(new).width) == (probe(old).height, probe(old).width) != (0, 0)
+        assert len(new) != len(old)
+        same_size.write_bytes(new)
+        with pytest.raises(BadSampleError, match=rf"sample 3 of dataset 'd': the file changed since the dataset "
+                                                 rf"was loaded \({len(new)} bytes, it was {len(old)}\)"):
+            gather(ds, [3])
+        edited = tmp_path / "b" / "04.jpg"  # the same length, other bytes: only the time tells
+        data = bytearray(edited.read_bytes())
+        data[-3] ^= 1
+        before = edited.stat().st_mtime_ns
+        edited.write_bytes(bytes(data))
+        os.utime(edited, ns=(before + 10**9, before + 10**9))
+        with pytest.raises(BadSampleError, match=r"sample 4 of dataset 'd': the file changed since the dataset "
+                                                 r"was loaded \(modified since\)"):
+            gather(ds, [4])
         os.remove(tmp_path / "a" / "01.jpg")
         with pytest.raises(BadSampleError, match="sample 1 of dataset 'd': the file cannot be read"):
             gather(ds, [1])
+        assert len(gather(ds, [2, 5])) == 2  # the others are served as before
 
 
 def _odd_images() -> dict[str, tuple[bytes, np.ndarray]]:

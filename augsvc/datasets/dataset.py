@@ -1,9 +1,11 @@
 """`load_dataset`: a source made into a served dataset, in the layout its cache budget allows.
 
 Files (a folder or a manifest) are listed once, their headers read in parallel (`scan`), bad
-files refused or left out (`apply_policy`), then the layout is chosen: ``decoded`` when the
-decoded pixels fit the cache budget, else ``encoded`` when the files' bytes fit, else ``files``
-(`layouts`). Pixel sources (``builtin:digits``, ``.npz``) are always ``decoded``.
+files (and files too large for the server's --max-image-side) refused or left out
+(`apply_policy`), then the layout is chosen: ``decoded`` when the decoded pixels fit, else
+``encoded`` when the files' bytes fit, else ``files`` (`layouts`) — fit the cache budget and half
+of the free space in /dev/shm (the other half is left for the workers' reply slots and the
+clients' batch segments). Pixel sources (``builtin:digits``, ``.npz``) are always ``decoded``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..shm import release_segment
+from ..shm import release_segment, shm_free_bytes
+from ..validation import DEFAULT_MAX_SIDE
 from .decode import JPEG_DECODER, DecodeFailed, DecodeSize, decode
 from .layouts import LAYOUTS, DatasetHandle, build_segment
-from .scan import Catalog, apply_policy, read_file, scan
+from .scan import Catalog, apply_policy, read_file, scan, too_large
 from .sources import MANIFEST_SUFFIXES, ArraySource, digits, list_folder, read_manifest, read_npz
 
 __all__ = ["DEFAULT_CACHE_BUDGET", "Dataset", "load_dataset", "parse_dataset_arg"]
@@ -112,16 +115,17 @@ def parse_dataset_arg(arg: str) -> tuple[str, str]:
 
 def load_dataset(name: str, source: str, *, builtin_side: int = 32, cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
                  decode_size: DecodeSize | str | None = None, layout: str = "auto", on_bad_file: str = "fail",
-                 verify: bool = False) -> Dataset:
+                 verify: bool = False, max_image_side: int = DEFAULT_MAX_SIDE) -> Dataset:
     """Load ``builtin:digits``, an ``.npz`` (``images``, ``labels``), an image folder with one
     sub-folder per class (class index = sorted sub-folder names) or a manifest (``.csv``,
     ``.jsonl``) into shared memory.
 
     decode_size: the size the dataset is used at (`DecodeSize`, or ``shorter:256``/``max:512``):
     each JPEG decodes at the smallest DCT scale that reaches it. layout: "auto" (decoded if the
-    decoded pixels fit `cache_budget_bytes`, else encoded if the files do, else files), or one of
-    them. on_bad_file: "fail" or "skip" files whose header cannot be read; verify: decode every
-    file now, so that corrupt data is found at start too."""
+    decoded pixels fit `cache_budget_bytes` and half of /dev/shm's free space, else encoded if the
+    files do, else files), or one of them. on_bad_file: "fail" or "skip" files whose header cannot
+    be read or whose decoded side is over `max_image_side` (the server's limit: no request could
+    read them); verify: decode every file now, so that corrupt data is found at start too."""
     arg = f"--dataset {name}={source}"
     if not _NAME_RE.fullmatch(name):
         raise InvalidInputError(f"{arg}: the name must be 1-64 characters of letters, digits, '_', '.', '-'")
@@ -135,13 +139,13 @@ def load_dataset(name: str, source: str, *, builtin_side: int = 32, cache_budget
                                     + ", ".join(f"builtin:{b}" for b in BUILTINS))
         if not 1 <= builtin_side <= 4096:
             raise InvalidInputError(f"builtin_side: {builtin_side} is outside [1, 4096]")
-        return _from_array(name, "builtin", source, digits(builtin_side))
+        return _from_array(name, "builtin", source, digits(builtin_side), max_image_side, arg)
     path = Path(source)
     if not path.exists():
         raise InvalidInputError(f"{arg}: {source!r} does not exist; expected an image folder, a manifest "
                                 "(.csv, .jsonl), an .npz file or builtin:digits")
     if path.suffix.lower() == ".npz" and path.is_file():
-        return _from_array(name, "npz", source, read_npz(path, arg))
+        return _from_array(name, "npz", source, read_npz(path, arg), max_image_side, arg)
     if path.is_dir():
         kind, table = "folder", list_folder(path, arg)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
@@ -150,12 +154,15 @@ def load_dataset(name: str, source: str, *, builtin_side: int = 32, cache_budget
         raise InvalidInputError(f"{arg}: unknown source kind; expected an image folder, a manifest (.csv, "
                                 ".jsonl), an .npz file or builtin:digits")
     cat, bad = scan(table, size=size, verify=verify)
-    cat = apply_policy(cat, bad, on_bad_file, arg)
+    cat = apply_policy(cat, sorted(bad + too_large(cat, max_image_side, name)), on_bad_file, arg)
     return _from_files(name, kind, source, cat, size, layout, cache_budget_bytes, arg)
 
 
-def _from_array(name: str, kind: str, source: str, src: ArraySource) -> Dataset:
+def _from_array(name: str, kind: str, source: str, src: ArraySource, max_side: int, arg: str) -> Dataset:
     images = src.images
+    if max(images.shape[1:3]) > max_side:
+        raise InvalidInputError(f"{arg}: its images are {images.shape[2]}x{images.shape[1]}, over "
+                                f"--max-image-side {max_side}")
 
     def fill(a: dict[str, np.ndarray]) -> None:
         a["pixels"][...] = images
@@ -173,14 +180,21 @@ def _from_files(name: str, kind: str, source: str, cat: Catalog, size: DecodeSiz
     heights, widths = cat.decoded_sizes()
     pixel_bytes = int((heights.astype(np.int64) * widths).sum()) * c
     encoded_bytes = int(cat.file_bytes.sum())
+    capped = None  # the layout the cache budget alone would choose, where /dev/shm's room changed it
     if layout == "auto":
-        layout = "decoded" if pixel_bytes <= budget else "encoded" if encoded_bytes <= budget else "files"
+        def fits(room: int) -> str:
+            return "decoded" if pixel_bytes <= room else "encoded" if encoded_bytes <= room else "files"
+
+        free = shm_free_bytes()
+        room = budget if free is None else min(budget, free // 2)
+        layout = fits(room)
+        capped = fits(budget) if fits(budget) != layout else None
     one_shape = bool((heights == heights[0]).all() and (widths == widths[0]).all())
     shape = (int(heights[0]), int(widths[0]), c) if one_shape else None
     arrays: list[tuple[str, Any, tuple[int, ...]]] = [
         ("path_offsets", np.int64, table.offsets.shape), ("paths", np.uint8, table.paths.shape),
         ("formats", np.uint8, (n,)), ("header_hw", np.int32, (n, 2)), ("decoded_hw", np.int32, (n, 2)),
-        ("scales", np.uint8, (n,))]
+        ("scales", np.uint8, (n,)), ("file_bytes", np.int64, (n,)), ("mtime_ns", np.int64, (n,))]
     if layout == "decoded":
         arrays += [("bad", np.uint8, (n,))]
         arrays += [("pixels", np.uint8, (n, *shape))] if shape else \
@@ -191,6 +205,7 @@ def _from_files(name: str, kind: str, source: str, cat: Catalog, size: DecodeSiz
     def fill(a: dict[str, np.ndarray]) -> None:
         a["path_offsets"][...], a["paths"][...] = table.offsets, table.paths
         a["formats"][...], a["scales"][...] = cat.formats, cat.scales
+        a["file_bytes"][...], a["mtime_ns"][...] = cat.file_bytes, cat.mtime_ns
         a["header_hw"][:, 0], a["header_hw"][:, 1] = cat.heights, cat.widths
         a["decoded_hw"][:, 0], a["decoded_hw"][:, 1] = heights, widths
         if layout == "decoded":
@@ -205,6 +220,10 @@ def _from_files(name: str, kind: str, source: str, cat: Catalog, size: DecodeSiz
     log.info("dataset %r: %d images from %s, layout %s (%.1f MB in shared memory; decoded %.1f MB, "
              "encoded %.1f MB, cache budget %.1f MB), decode size %s, %s", name, n, kind, layout, shm.size / 1e6,
              pixel_bytes / 1e6, encoded_bytes / 1e6, budget / 1e6, size or "full", JPEG_DECODER)
+    if capped:
+        log.warning("dataset %r: layout %s, not %s, because /dev/shm has room for %.1f MB (half its free space); "
+                    "give the container more shared memory (docker --shm-size, a k8s emptyDir with medium Memory) "
+                    "to cache it", name, layout, capped, room / 1e6)
     return ds
 
 

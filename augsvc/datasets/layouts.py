@@ -7,7 +7,9 @@
 - ``files``   — only the table below; workers read and decode the files. Memory: the paths.
 
 Datasets made from files also keep, in every layout, a table of their paths (for logs, never for
-clients) and of what each header said (format, size, DCT scale), so that every layout decodes
+clients), of each file's size and modification time (the files layout refuses a sample whose file
+changed since the start: its pixels would no longer be the ones the seed promised), and of what
+each header said (format, size, DCT scale), so that every layout decodes
 a sample the same way (`augsvc.datasets.decode.decode`) — the decoded layout does it once, in the
 loading process. A sample that failed to decode there is marked bad, and a request for it fails
 as it would in the other layouts.
@@ -30,8 +32,8 @@ import numpy as np
 
 from ..errors import BadSampleError
 from ..shm import attach_segment, create_segment, release_segment
-from .decode import DecodeFailed, Header, decode, decode_region, probe
-from .scan import read_file
+from .decode import DecodeFailed, Header, decode, decode_region
+from .scan import read_file_stat
 from .sources import path_at
 
 if TYPE_CHECKING:  # the engine's type, not its import: a dataset reader needs no engine
@@ -260,11 +262,11 @@ class DatasetReader:
             if self.handle.layout == "encoded":
                 data: bytes | memoryview = a["data"][int(a["data_offsets"][i]):int(a["data_offsets"][i + 1])].data
             else:
-                data = read_file(self.path(i))
-                now = probe(data)
-                if (now.format, now.height, now.width) != (header.format, header.height, header.width):
-                    raise DecodeFailed(f"the file changed since the dataset was loaded ({now.width}x{now.height}, "
-                                       f"it was {header.width}x{header.height})")
+                data, st = read_file_stat(self.path(i))
+                was = int(a["file_bytes"][i]), int(a["mtime_ns"][i])
+                if (len(data), st.st_mtime_ns) != was:
+                    now = f"{len(data)} bytes, it was {was[0]}" if len(data) != was[0] else "modified since"
+                    raise DecodeFailed(f"the file changed since the dataset was loaded ({now})")
             scale = int(a["scales"][i])
             if box is not None and out is not None and self._whole_once[i] and decode_region(
                     data, header, scale, out, box):

@@ -7,7 +7,9 @@
   integers, or class names numbered in sorted order) are files: `FileTable`.
 
 A `FileTable` keeps its N paths as one UTF-8 blob and an offset array, and its labels as one
-array: no Python object per file, so a folder of millions costs a few arrays.
+array: no Python object per file, so a folder of millions costs a few arrays. Class names travel
+as protobuf strings, so a name that is not valid UTF-8 (a folder named in Latin-1, say) is
+published with its odd bytes written as ``\xe9`` (`_utf8_names`).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def read_npz(path: Path, arg: str) -> ArraySource:
     elif len(names) < n_classes:
         raise InvalidInputError(
             f"{arg}: class_names has {len(names)} names but labels go up to {n_classes - 1}")
-    return ArraySource(images, labels.astype(np.int64), names)
+    return ArraySource(images, labels.astype(np.int64), _utf8_names(names, arg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def list_folder(root: Path, arg: str) -> FileTable:
     if not paths:
         raise InvalidInputError(f"{arg}: no PNG/JPEG images in class sub-folders of {str(root)!r}")
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
-    return FileTable.of(paths, labels, classes)
+    return FileTable.of(paths, labels, _utf8_names(classes, arg))
 
 
 def read_manifest(path: Path, arg: str) -> FileTable:
@@ -175,7 +177,23 @@ def read_manifest(path: Path, arg: str) -> FileTable:
         class_names = sorted({str(v) for v in raw})
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index[str(v)] for v in raw], np.int64)
-    return FileTable.of(paths, labels, class_names)
+    return FileTable.of(paths, labels, _utf8_names(class_names, arg))
+
+
+def _utf8_names(names: list[str], arg: str) -> list[str]:
+    """`names` as valid UTF-8 text: bytes a file system name carried that are not UTF-8
+    (surrogate-escaped by os.scandir) written as ``\xe9``; InvalidInputError when two names become one."""
+    out = []
+    for name in names:
+        try:
+            out.append(name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+        except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a JSON "\ud800")
+            out.append(name.encode("utf-8", "backslashreplace").decode("utf-8"))
+    if len(set(out)) < len(out):
+        twice = sorted({n for n in out if out.count(n) > 1})
+        raise InvalidInputError(f"{arg}: class names {twice!r} are each two classes once their bytes that are "
+                                "not UTF-8 are written as \\x..; rename one of each")
+    return out
 
 
 def _csv_rows(path: Path, arg: str) -> Iterator[tuple[str, str]]:
