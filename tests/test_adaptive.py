@@ -198,6 +198,13 @@ def test_strength_callback_schedules_and_checkpoint() -> None:
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert resumed.epoch == 2 and resumed.strength == pytest.approx(0.5)
+    # another schedule refuses the state (before, a fixed 0.9 took it and reported 0.9 while the
+    # stream went on at the checkpoint's strength)
+    for other in ("0.9", "ramp"):
+        with pytest.raises(ValueError, match=f"the strength schedule is {other}; the checkpoint's run used adaptive"):
+            StrengthCallback(parse_strength(other), epochs=5).load_state_dict(first.state_dict())
+    older = {k: v for k, v in first.state_dict().items() if k != "schedule"}  # saved before schedules were
+    StrengthCallback(parse_strength("0.9"), epochs=5).load_state_dict(older)
     with pytest.raises(ValueError, match="adaptive"):
         StrengthCallback(parse_strength("adaptive"), epochs=3)
 

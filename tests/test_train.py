@@ -292,6 +292,54 @@ def test_a_resumed_run_tells_callbacks_where_it_starts_and_tensorboard_drops_the
     assert [e.value for e in events.Scalars("loss/val")] == pytest.approx([r["val_loss"] for r in rows], rel=1e-6)
 
 
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path: Path) -> None:
+    """A resumed run goes on with the run's settings. Before, --epochs 6 on a 3-epoch checkpoint
+    trained epoch 4 at lr 0 (the scheduler's length came from the checkpoint, the loop's from the
+    new config), a new lr was silently replaced by the checkpoint's, and other settings silently
+    applied. Early stopping's patience may change; a finished run says there is nothing to do."""
+    images, labels = halves_data(32, seed=0)
+    out = tmp_path / "out"
+    settings = {"width": 4, "dropout": 0.3}
+    fit(tiny_model(), as_epochs(images, labels), (images, labels), quiet(epochs=2, out_dir=out),
+        log=lambda _: None, settings=settings)
+    ckpt = out / "checkpoint.pt"
+
+    def resume(config: TrainConfig, **kwargs: object) -> list[str]:
+        said: list[str] = []
+        fit(tiny_model(), as_epochs(images, labels), (images, labels), config, log=said.append, resume=ckpt,
+            **{"settings": settings, **kwargs})  # type: ignore[arg-type]
+        return said
+
+    for change, fragment in [({"epochs": 3}, "epochs 3 (the checkpoint's run: 2)"),
+                             ({"lr": 1e-4}, "lr 0.0001 (the checkpoint's run: 0.003)"),
+                             ({"l1": 1e-3, "seed": 5}, "l1 0.001 (the checkpoint's run: 0.0); seed 5 (the "
+                                                       "checkpoint's run: 0)")]:
+        with pytest.raises(ValueError, match=r"a resumed run goes on with the settings it was started with.*"
+                                             + fragment.replace("(", r"\(").replace(")", r"\)")):
+            resume(quiet(**{"epochs": 2, "out_dir": out, **change}))
+    with pytest.raises(ValueError, match=r"dropout 0\.0 \(the checkpoint's run: 0\.3\)"):
+        resume(quiet(epochs=2, out_dir=out), settings={"width": 4, "dropout": 0.0})
+    with pytest.raises(ValueError, match="state 'strength' only in this run"):
+        resume(quiet(epochs=2, out_dir=out), stateful={"strength": _Counter()})
+    said = resume(quiet(epochs=2, out_dir=out, patience=9))
+    assert said == [f"{ckpt}: the run is finished (all after epoch 2 of 2); nothing left to train"]
+    # a checkpoint from before settings were saved: only the config and the state names are compared
+    old = torch.load(ckpt, weights_only=False)
+    del old["settings"]
+    torch.save(old, ckpt)
+    assert resume(quiet(epochs=2, out_dir=out), settings={"width": 4, "dropout": 0.0})
+
+
+class _Counter:
+    """A stateful object for `fit(stateful=...)`."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
+
+
 def test_early_stopping_stops_and_restores_best_weights(tmp_path: Path) -> None:
     # Validation has the same images as training with the labels swapped: the better the model
     # learns the training labels, the higher the validation loss, so it must stop early.

@@ -75,6 +75,25 @@ def test_train_two_epochs_on_a_served_folder_of_mixed_size_photos(photos_server:
     assert [g.step for g in grids] == [1, 2] and grids[0].width > 40 and grids[0].height >= 40
 
 
+def test_a_resume_with_other_options_is_refused_naming_them(photos_server: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """augsvc-train --resume with options other than the run's: exit 2 and one line naming each
+    (before: a new --dropout was applied and a dropped --augment-strength left the stream at the
+    checkpoint's strength, silently). The run's own options resume; a finished run says so."""
+    out = tmp_path / "run"
+    run = ["--server", photos_server, "--dataset", "photos", "--spec", json.dumps(CROP_SPEC), "--out", str(out),
+           "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.2", "--width", "8", "--depth", "2",
+           "--no-progress", "--device", "cpu"]
+    assert main([*run, "--dropout", "0.3", "--augment-strength", "0.5"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--dropout", "0.0", "--resume", str(out / "checkpoint.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("augsvc-train: error: ") and "dropout 0.0 (the checkpoint's run: 0.3)" in err
+    assert "augment_strength None (the checkpoint's run: '0.5')" in err and "state 'strength' only in the" in err
+    assert main([*run, "--dropout", "0.3", "--augment-strength", "0.5", "--resume", str(out / "checkpoint.pt")]) == 0
+    assert "the run is finished (all after epoch 1 of 1); nothing left to train" in capsys.readouterr().out
+
+
 def test_eval_pipeline_follows_the_training_spec() -> None:
     cropped = eval_spec("augsvc/examples/imagenet.yaml").to_dict()["transforms"]
     assert cropped == [{"resize_shorter": {"side": 256}}, {"center_crop": {"height": 224, "width": 224}}]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import ResumeMismatch
 from .train import Callback, class_sums
 from .world import World
 
@@ -227,9 +228,19 @@ class StrengthCallback(Callback):
         self.epoch = int(row["epoch"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "controller": self.controller.state_dict() if self.controller else None}
+        return {"epoch": self.epoch, "controller": self.controller.state_dict() if self.controller else None,
+                "schedule": [self.schedule.kind, self.schedule.value]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The state of a run with the same schedule (ResumeMismatch otherwise; a state from
+        before the schedule was saved is taken as it is)."""
+        saved = state.get("schedule")
+        if saved is not None and (saved[0], float(saved[1])) != (self.schedule.kind, self.schedule.value):
+            def name(kind: str, value: float) -> str:
+                return f"{value:g}" if kind == "fixed" else kind
+
+            raise ResumeMismatch(f"the strength schedule is {name(self.schedule.kind, self.schedule.value)}; the "
+                             f"checkpoint's run used {name(saved[0], float(saved[1]))}")
         self.epoch = int(state["epoch"])
         if self.controller is not None and state.get("controller") is not None:
             self.controller.load_state_dict(state["controller"])

@@ -8,7 +8,9 @@ monitor); the data's position as the training loop received it (an AugmentedStre
 `state_dict()`: one rank's state resumes every rank, which stand at the same position between
 steps); each rank's torch RNG state and running sums of the epoch (gathered from every rank);
 and the state of any other object the caller hands `fit` (`stateful`). It loads with
-`torch.load(weights_only=True)`: only tensors and plain containers.
+`torch.load(weights_only=True)`: only tensors and plain containers. It also holds what defines
+the run — the config and the caller's settings — and a resume that differs is refused
+(`ResumeMismatch`, naming what differs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import torch.distributed as dist
 from .world import World
 
 CHECKPOINT_FORMAT = "augsvc.train/1"
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint cannot resume this run: another world size, config, settings or state."""
 
 
 class Stateful(Protocol):

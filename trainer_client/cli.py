@@ -42,7 +42,7 @@ from .adaptive import (
     gaps_from_sums,
     parse_strength,
 )
-from .checkpoint import gather_objects
+from .checkpoint import ResumeMismatch, gather_objects
 from .client import AugmentClient, DatasetInfo, TLSConfig
 from .embedded import EmbeddedServer
 from .model import RegularizedCNN
@@ -191,9 +191,14 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
         if world.is_main:
             (out / "spec.yaml").write_text(spec.to_yaml())
         with stream, val_stream:
-            history = fit(model, train_epoch, lambda: val_stream, config, world=world, data=stream,
-                          stateful={"strength": strength} if strength is not None else None, callbacks=hooks,
-                          resume=args.resume, num_classes=info.num_classes)
+            try:
+                history = fit(model, train_epoch, lambda: val_stream, config, world=world, data=stream,
+                              stateful={"strength": strength} if strength is not None else None, callbacks=hooks,
+                              resume=args.resume, num_classes=info.num_classes, settings=run_settings(args, spec))
+            except ResumeMismatch as exc:  # every rank finds it, before any collective of the run
+                if world.is_main:
+                    print(f"augsvc-train: error: {exc}", file=sys.stderr, flush=True)
+                return 2
     if not world.is_main:
         return 0
     best = history.best
@@ -204,6 +209,17 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
     print(f"best epoch {history.best_epoch}: val acc {100 * best['val_acc']:.1f}% "
           f"(val loss {best['val_loss']:.4f}); outputs in {out}/", flush=True)
     return 0
+
+
+def run_settings(args: argparse.Namespace, spec: Spec) -> dict[str, Any]:
+    """The options that define a training run beside `TrainConfig`'s (the model, the data, the
+    spec by its identity, the augmentation strength): a checkpoint keeps them, and `--resume`
+    with others is refused."""
+    keys = ["dataset", "batch_size", "train_size", "val_fraction", "width", "depth", "dropout", "no_batch_norm",
+            "augment_strength"]
+    if args.augment_strength == "adaptive":
+        keys += ["strength_target", "strength_step", "strength_start", "strength_gap", "strength_per_class"]
+    return {"spec": spec.identity, **{k: getattr(args, k) for k in keys}}
 
 
 def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spec: Spec, train_ids: Any,

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import (
+    ResumeMismatch,
     RunState,
     Stateful,
     all_reduce_sum,
@@ -67,6 +68,11 @@ ValData = tuple[torch.Tensor, torch.Tensor] | Callable[[], Iterable[Batch]]
 
 _OPTIMIZERS = ("adamw", "sgd")
 _SCHEDULES = ("cosine", "constant")
+#: TrainConfig fields that define a run: a resume with other values is refused. The others (early
+#: stopping's patience and min_delta, reporting, device, output, progress, checkpoint interval)
+#: may change on resume.
+RESUME_FIXED = ("epochs", "lr", "weight_decay", "l1", "label_smoothing", "optimizer", "momentum", "lr_schedule",
+                "seed")
 
 
 @dataclass
@@ -335,6 +341,7 @@ class _Run:
     data: Stateful | None
     stateful: Mapping[str, Stateful]
     callbacks: Sequence[Callback]
+    settings: Mapping[str, Any] = field(default_factory=dict)
     state: RunState = field(default_factory=RunState)
 
     def checkpoint(self, *, epoch_done: bool, sums: list[float], data_state: Any) -> None:
@@ -350,7 +357,7 @@ class _Run:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "run": self.state.to_dict(), "ranks": ranks, "data": data_state,
             "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()},
-            "config": _jsonable_config(self.config)})
+            "config": _jsonable_config(self.config), "settings": dict(self.settings)})
 
     def restore(self, path: Path) -> list[float]:
         """Load a checkpoint into the model, optimizer, scheduler, run state, data and stateful
@@ -358,7 +365,9 @@ class _Run:
         ckpt = load_checkpoint(path)
         ranks = ckpt["ranks"]
         if len(ranks) != self.world.world_size:
-            raise ValueError(f"{path}: written by a run of {len(ranks)} ranks; this run has {self.world.world_size}")
+            raise ResumeMismatch(f"{path}: written by a run of {len(ranks)} ranks; this run has "
+                                 f"{self.world.world_size}")
+        self.check_same_run(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt["scheduler"] is not None:
@@ -371,6 +380,26 @@ class _Run:
             if name in ckpt["stateful"]:
                 obj.load_state_dict(ckpt["stateful"][name])
         return restore_rank_state(ranks[self.world.rank], self.device)
+
+    def check_same_run(self, path: Path, ckpt: Mapping[str, Any]) -> None:
+        """ResumeMismatch naming whatever defines this run and differs from the checkpoint's run: the
+        RESUME_FIXED fields of the config, the caller's settings (when the checkpoint has them:
+        older ones do not), and which stateful objects there are. Loading would otherwise take
+        the optimizer's lr and the scheduler's length from the checkpoint and the rest (dropout,
+        l1, the epoch count) from this run, silently — a run that neither of them is."""
+        now, then = _jsonable_config(self.config), ckpt.get("config") or {}
+        differ = [(k, now[k], then[k]) for k in RESUME_FIXED if k in then and then[k] != now[k]]
+        if ckpt.get("settings") is not None:
+            old = ckpt["settings"]
+            differ += [(k, self.settings.get(k), old.get(k)) for k in sorted({*old, *self.settings})
+                       if old.get(k) != self.settings.get(k)]
+        text = [f"{k} {new!r} (the checkpoint's run: {was!r})" for k, new, was in differ]
+        text += [f"state {name!r} only in {'the checkpoint' if name in ckpt['stateful'] else 'this run'}"
+                 for name in sorted({*ckpt["stateful"]} ^ {*self.stateful})]
+        if text:
+            raise ResumeMismatch(f"{path}: a resumed run goes on with the settings it was started with, and these "
+                             f"differ: {'; '.join(text)}. Resume with the run's settings, or start a new run "
+                             "(another output folder)")
 
     def train_epoch(self, batches: Iterable[Batch], epoch: int, sums: list[float]) -> tuple[torch.Tensor, int, Any]:
         """One pass in train mode from step `self.state.step` of `epoch` (1-based); returns the
@@ -415,7 +444,8 @@ class _Run:
 def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: TrainConfig, *,
         log: Callable[[str], None] = print, world: World | None = None, data: Stateful | None = None,
         stateful: Mapping[str, Stateful] | None = None, callbacks: Sequence[Callback] = (),
-        resume: Path | str | None = None, num_classes: int | None = None) -> History:
+        resume: Path | str | None = None, num_classes: int | None = None,
+        settings: Mapping[str, Any] | None = None) -> History:
     """Train `model`, validating after every epoch; returns the History, best weights restored.
 
     train_epoch(e) yields the batches of epoch e (e is 0-based, as the data stream counts; rows
@@ -432,7 +462,9 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     skips the batches already trained. stateful: more objects a checkpoint holds (by name).
     resume: a checkpoint.pt to continue from, exactly where it was written. num_classes: the
     validation pass also sums per class, for callbacks' on_validation (the adaptive strength's
-    clean gap uses it instead of a second pass).
+    clean gap uses it instead of a second pass). settings: what else defines the run (the model's
+    shape, the data, the augmentation; plain values): saved in checkpoints, and a resume whose
+    settings, RESUME_FIXED config fields or stateful names differ from the checkpoint's is refused.
     """
     world = world if world is not None else World.discover()
     device = resolve_device(config.device)
@@ -441,7 +473,7 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                  if config.lr_schedule == "cosine" else None)
     run = _Run(model, model, optimizer, scheduler, OverfitMonitor(config.gap_warn_epochs), config, device, world,
-               data, dict(stateful or {}), callbacks)
+               data, dict(stateful or {}), callbacks, dict(settings or {}))
     history = History(warnings=run.monitor.warnings)
     say = log if world.is_main else quiet
     out = config.out_dir if world.is_main else None
@@ -465,6 +497,9 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
             write_metrics(out, state.rows)
         if state.epoch_done:
             state.epoch, state.step, sums = state.epoch + 1, 0, [0.0, 0.0, 0.0]
+        if resume is not None and (state.stopped_early or state.epoch > config.epochs):
+            say(f"{resume}: the run is finished ({'stopped early' if state.stopped_early else 'all'} after epoch "
+                f"{state.epoch - 1} of {config.epochs}); nothing left to train")
         for callback in callbacks:
             callback.on_train_begin(state.epoch, resume is not None)
         while state.epoch <= config.epochs and not state.stopped_early:
