@@ -16,6 +16,7 @@ import torch
 from helpers.data import served_digits
 
 from augsvc import augment_batch, epoch_batches, load_spec
+from augsvc.errors import InvalidInputError
 from augsvc.server import ServerSettings, create_server
 from augsvc.worker import SLEEP_HOOK_ENV
 from trainer_client import AugmentClient, AugmentedStream, StreamError
@@ -169,7 +170,16 @@ def test_non_retryable_errors_surface(servers: list[str]) -> None:
     with AugmentClient(servers[0]) as client:
         with pytest.raises(LookupError):
             AugmentedStream(client, "nope", SPEC, batch_size=BATCH, seed=0)
-        bad = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0, sample_ids=[0, 1, 5000])
+        # ids the dataset does not have, or that are not integers: refused before any call
+        for ids, fragment in [([0, 1, 5000], r"sample_ids: 5000 is outside \[0, 1796\]"),
+                              ([0.7, 1.9], "sample_ids: expected integers, got dtype float64"),
+                              ([-1], r"sample_ids: -1 is outside \[0, 1796\]")]:
+            with pytest.raises(InvalidInputError, match=fragment):
+                AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0, sample_ids=ids)
+        with pytest.raises(InvalidInputError, match=r"seed: -1 is outside \[0, 2\*\*64\)"):
+            AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=-1)
+        # the server's refusal (a class vector of the wrong length) ends the pass at the first try
+        bad = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0, class_strength=[1.0] * 3)
         with pytest.raises(StreamError, match="INVALID_ARGUMENT"):
             collect(bad)
 
@@ -261,3 +271,78 @@ def test_streams_beyond_the_pool_limit_are_refused_retried_and_each_gets_its_epo
     assert refused is not None and refused >= 1
     for epoch in range(3):
         assert_epoch(results[epoch], digits, epoch)
+
+
+def test_a_pass_keeps_what_it_started_with_when_set_epoch_starts_another(servers: list[str],
+                                                                          digits: np.ndarray) -> None:
+    """Two open passes of one stream: set_epoch between them changes the next pass only. Before,
+    the older pass's later calls asked for the new epoch (its pixels, silently, with shuffle off)
+    and an arrays stream's pass took the new strength mid-way."""
+    with AugmentClient(servers[0]) as client:
+        stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, shuffle=False, prefetch=2)
+        old = iter(stream)
+        first = [tuple(t.clone() for t in next(old)) for _ in range(3)]
+        stream.set_epoch(5)
+        new = iter(stream)
+        newer = tuple(t.clone() for t in next(new))
+        rest = [tuple(t.clone() for t in b) for b in old]
+        new.close()
+        plan = epoch_batches(1797, BATCH, seed=SEED, epoch=0, shuffle=False)
+        for (x, _, ids), want in zip(first + rest, plan, strict=True):
+            assert torch.equal(ids, torch.as_tensor(want))
+            assert np.array_equal(x.numpy(), augment_batch(digits[want], SPEC, seed=SEED, epoch=0,
+                                                           sample_ids=want).transpose(0, 3, 1, 2))
+        assert np.array_equal(newer[0].numpy(), augment_batch(digits[plan[0]], SPEC, seed=SEED, epoch=5,
+                                                              sample_ids=plan[0]).transpose(0, 3, 1, 2))
+
+        images, labels = digits[:256], np.zeros(256, np.int64)
+        arrays = AugmentedStream.from_arrays(client, images, labels, SPEC, batch_size=32, seed=SEED, prefetch=1)
+        old = iter(arrays)
+        got = [next(old)[0].clone()]
+        arrays.set_epoch(1, strength=0.0)
+        got += [b[0].clone() for b in old]
+        for x, ids in zip(got, epoch_batches(256, 32, seed=SEED, epoch=0), strict=True):
+            assert np.array_equal(x.numpy(), augment_batch(images[ids], SPEC, seed=SEED, epoch=0,
+                                                           sample_ids=ids).transpose(0, 3, 1, 2))
+
+
+def test_a_state_without_class_strength_clears_it(servers: list[str]) -> None:
+    """load_state_dict applies the state's class strength, "none" included (before, a stream
+    built with a class vector kept it, and the resumed batches differed from the saved run's)."""
+    with AugmentClient(servers[0]) as client:
+        plain = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED)
+        classed = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, class_strength=[0.0] * 10)
+        classed.load_state_dict(plain.state_dict())
+        assert classed.class_strength is None and classed.state_dict() == plain.state_dict()
+
+
+def test_a_closed_client_ends_the_pass_at_once(servers: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error no retry can mend (here the client's channel closed under the stream) ends the
+    pass at its first occurrence; before, anything but a gRPC status was retried with backoff,
+    max_attempts times."""
+    import trainer_client.stream as stream_module
+
+    backoffs: list[float] = []
+    real_sleep = stream_module.time.sleep
+    monkeypatch.setattr(stream_module.time, "sleep", lambda s: backoffs.append(s) or real_sleep(0))
+    client = AugmentClient(servers[0])
+    stream = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=SEED, prefetch=2, max_attempts=50)
+    with pytest.raises(StreamError, match="Channel closed"):
+        for i, _ in enumerate(stream):
+            if i == 0:
+                client.close()
+    # a call in flight when the channel closed ends CANCELLED, which is worth one more try; the
+    # next try finds the channel closed and ends the pass (before: 50 tries per batch)
+    assert len(backoffs) <= stream.streams
+    stream.close()
+
+
+def test_client_augment_takes_sample_ids_as_augment_batch_does(servers: list[str], digits: np.ndarray) -> None:
+    """Negative ids wrap to the same uint64 keys on both sides (before, the client raised
+    protobuf's bare "Value out of range"); a seed outside [0, 2**64) is refused by name."""
+    with AugmentClient(servers[0]) as client:
+        ids = [-1, 2, -(2**40)]
+        got = client.augment(digits[:3], SPEC, seed=SEED, epoch=1, sample_ids=ids)
+        assert np.array_equal(got, augment_batch(digits[:3], SPEC, seed=SEED, epoch=1, sample_ids=ids))
+        with pytest.raises(InvalidInputError, match=r"seed: -3 is outside \[0, 2\*\*64\)"):
+            client.augment(digits[:3], SPEC, seed=-3, epoch=1, sample_ids=ids)

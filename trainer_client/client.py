@@ -30,6 +30,7 @@ from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
+from augsvc.validation import check_counter, sample_keys
 from augsvc.wire import parse_reply, serialize
 
 #: Status codes worth retrying on another endpoint: the server or a worker went away, or is full.
@@ -235,9 +236,10 @@ class AugmentClient:
     def augment(self, images: np.ndarray, spec: Any, *, seed: int, epoch: int, sample_ids: Any,
                 backend: str = "fused", timeout: float | None = None) -> np.ndarray:
         """Augment an (N,H,W,C) uint8 batch on a server; equals `augsvc.augment_batch` bit for bit."""
+        # checked as augment_batch checks them (negative ids wrap to the same uint64 keys)
         request = pb.AugmentRequest(spec=load_spec(spec).to_proto(), images=encode_tensor(images),
-                                    seed=seed, epoch=epoch, sample_ids=np.asarray(sample_ids).tolist(),
-                                    backend=backend)
+                                    seed=check_counter(seed, "seed"), epoch=check_counter(epoch, "epoch"),
+                                    sample_ids=sample_keys(sample_ids).tolist(), backend=backend)
         _reply, images = self._call("Augment", request, timeout)
         return np.array(images)
 

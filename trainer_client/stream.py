@@ -70,6 +70,7 @@ from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
+from augsvc.validation import check_counter, dataset_indices, population_ids
 
 from .client import RETRYABLE, AugmentClient, DatasetInfo, status_error
 from .segments import ClientSegment, SegmentPool
@@ -157,7 +158,8 @@ class AugmentedStream(IterableDataset[StreamItem]):
         self.spec = load_spec(spec)
         self.class_strength: tuple[float, ...] | None = None
         self._set_strength(strength, class_strength)
-        self.batch_size, self.seed, self.epoch, self.shuffle = batch_size, seed, epoch, shuffle
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.seed, self.epoch = check_counter(seed, "seed"), check_counter(epoch, "epoch")
         self.remainder, self.with_mask = remainder, with_mask
         self.drop_last, self.backend, self.timeout, self.max_attempts = drop_last, backend, timeout, max_attempts
         self.streams = streams or max(2, client.num_endpoints)
@@ -168,12 +170,13 @@ class AugmentedStream(IterableDataset[StreamItem]):
         if sample_ids is None and self._dataset_info is not None:
             self._whole_dataset = True
             self.population: np.ndarray = np.arange(self._dataset_info.num_samples)
-        else:
-            self.population = np.asarray(sample_ids, np.int64)
+        elif self._dataset_info is not None:  # checked here, not after a call: the dataset's size is known
+            self.population = dataset_indices(sample_ids, self._dataset_info.num_samples)
+        else:  # the client's arrays: from_arrays checks them against its rows
+            self.population = population_ids(sample_ids)
         self._population_digest = hashlib.sha256(self.population.astype("<i8").tobytes()).hexdigest()
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         self._set_prefetch(prefetch, chunk)
-        self._request_head = b""  # set by __iter__: the epoch-constant part of its requests
         self.position = 0  # batches of `self.epoch` this rank's consumer has received
         self._pass = 0  # bumped whenever the position is set from outside: an older pass stops counting
         self._resuming = False  # load_state_dict set a position inside an epoch; set_epoch keeps it
@@ -198,6 +201,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images: {images.dtype} {images.shape} is not a uint8 (N, H, W, C) array")
         kwargs.setdefault("sample_ids", np.arange(len(images)))
+        dataset_indices(kwargs["sample_ids"], len(images))
         stream = cls(client, None, spec, **kwargs)
         stream._arrays = (images, np.asarray(labels, np.int64))
         stream._set_prefetch(kwargs.get("prefetch"), kwargs.get("chunk"))  # now that the batch size is known
@@ -327,6 +331,8 @@ class AugmentedStream(IterableDataset[StreamItem]):
             epoch, position = epoch + 1, 0
         self._resuming = False
         self.set_epoch(epoch, strength=state.get("strength"), class_strength=state.get("class_strength"))
+        if state.get("class_strength") is None:  # set_epoch keeps the current vector for None: the state has none
+            self.class_strength = None
         self.position = position
         self._resuming = position > 0
 
@@ -385,12 +391,12 @@ class AugmentedStream(IterableDataset[StreamItem]):
         data: bytes = head.SerializeToString()
         return data
 
-    def _stream_request(self, chunk: list[int], segments: list[ClientSegment]) -> bytes:
+    def _stream_request(self, head: bytes, chunk: list[int], segments: list[ClientSegment]) -> bytes:
         """StreamBatchesRequest bytes for `chunk`: the pass's head and this call's fields; protobuf
         reads the two concatenated parts as one message (they share no field)."""
         tail = pb.StreamBatchesRequest(start=chunk[0], end=chunk[-1] + 1, stride=self.world_size,
                                        shm_segments=[seg.offer() for seg in segments])
-        data: bytes = self._request_head + tail.SerializeToString()
+        data: bytes = head + tail.SerializeToString()
         return data
 
     def _count(self, how: str) -> None:
@@ -411,10 +417,14 @@ class AugmentedStream(IterableDataset[StreamItem]):
         self._resuming = False
         self._pass += 1
         this_pass = self._pass
+        # What the pass asks for is fixed when it starts: a set_epoch (another epoch, strength) while
+        # an older pass is still open applies to the next pass, never to that one's requests.
         if self._arrays is None:
-            self._request_head = self._epoch_request_head()
+            head = self._epoch_request_head()
             self._segment_pool()
-        fetcher = _Fetcher(self, epoch, plan, positions[start:])
+        else:
+            head = self.spec.to_proto().SerializeToString()
+        fetcher = _Fetcher(self, epoch, plan, positions[start:], head)
         self._fetcher = fetcher
         try:
             for received, k in enumerate(positions[start:], start + 1):
@@ -467,7 +477,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
                 except (LimitExceededError, OSError) as exc:
                     self._stop_shared_memory(f"no shared memory for batches ({exc})")
                     segments = None
-            request = self._stream_request(source, list(offered.values()))
+            request = self._stream_request(fetcher.head, source, list(offered.values()))
             completed, written, refused = False, 0, False
             try:
                 call = self.client.stream_batches(endpoint, request, timeout=self.timeout)
@@ -515,7 +525,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
                 self._fetch(endpoint, chunk, fetcher, deliver)
             return
         images, labels = self._arrays
-        spec_msg = self.spec.to_proto()
+        spec_msg = pb.Pipeline.FromString(fetcher.head)  # the pass's spec, whatever set_epoch did since
 
         def requests() -> Iterator[pb.AugmentRequest]:
             for k, src in zip(chunk, source, strict=True):
@@ -559,9 +569,12 @@ class _Fetcher:
     """Background fetch threads for one pass over positions `indices` of `epoch` (see the module
     docstring). A chunk is real positions, or one repeated position alone."""
 
-    def __init__(self, stream: AugmentedStream, epoch: int, plan: list[np.ndarray], indices: list[int]) -> None:
+    def __init__(self, stream: AugmentedStream, epoch: int, plan: list[np.ndarray], indices: list[int],
+                 head: bytes) -> None:
         self.stream = stream
         self.epoch = epoch
+        #: the pass's fixed request part: a StreamBatchesRequest head (dataset), or the spec (arrays)
+        self.head = head
         self.plan = plan
         self.order = {k: i for i, k in enumerate(indices)}
         size = stream.chunk
@@ -640,7 +653,10 @@ class _Fetcher:
                     if self.stopped:
                         exc.__traceback__ = None  # see below
                         return
-                    retryable = not isinstance(exc, grpc.RpcError) or exc.code() in RETRYABLE
+                    # a failed call with a status worth another try, or a stream that broke off (its
+                    # batches missing, a bad segment); anything else (a closed channel, a bug) ends the pass
+                    retryable = isinstance(exc, StreamError) or \
+                        isinstance(exc, grpc.RpcError) and exc.code() in RETRYABLE
                     for k in pending:
                         self.attempts[k] = self.attempts.get(k, 0) + 1
                     exhausted = any(self.attempts[k] > self.stream.max_attempts for k in pending)
