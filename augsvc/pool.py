@@ -161,6 +161,7 @@ class _Slot:
     conn: Connection | None = None
     pid: int | None = None
     alive: bool = False
+    start_failed: bool = False  # the last try to start a process here failed
     feeder: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -280,6 +281,15 @@ class WorkerPool:
             return {"workers": self._n, "alive": sum(s.alive for s in self._slots),
                     "inflight": self._inflight, "queued": len(self._queue), **self._counts}
 
+    def unable_to_start(self) -> bool:
+        """True while no worker is alive and the last start of every one failed (the dataset's
+        shared memory removed under the server, say): calls are refused UNAVAILABLE meanwhile."""
+        with self._cond:
+            return self._unable_to_start()
+
+    def _unable_to_start(self) -> bool:
+        return bool(self._slots) and all(s.start_failed and not s.alive for s in self._slots)
+
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, job: Job, payload: Payload | None = None, finish: Finish | None = None) -> Future[Any]:
         """Queue a job (built by `augsvc.jobs`, which checked it); `payload` is a ClientPixels
@@ -393,6 +403,9 @@ class WorkerPool:
         with self._cond:
             if not self._started or self._closing:
                 raise WorkerUnavailableError("the worker pool is not running; retry on another server")
+            if self._unable_to_start():
+                raise WorkerUnavailableError("no worker process of this server can start (see its log); retry on "
+                                             "another server")
             if self._inflight >= self.max_inflight:
                 raise LimitExceededError(f"the server has {self._inflight} batches in flight; the limit "
                                          f"(max_inflight) is {self.max_inflight}; retry later")
@@ -433,6 +446,7 @@ class WorkerPool:
                 except Exception:
                     log.exception("worker %d: a replacement failed to start; trying again in %.1fs",
                                   slot.index, backoff)
+                    self._fail_queue_if_unable()
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
@@ -519,15 +533,33 @@ class WorkerPool:
         slot.alive = True
 
     def _replace(self, slot: _Slot) -> None:
-        had_process = slot.process is not None
-        self._reap(slot)
-        if had_process:
-            with self._cond:
-                if self._closing:
-                    raise _Closing
-                self._counts["restarts"] += 1
+        """Start a process in a slot whose process is gone; a restart is counted once it is ready."""
+        if not slot.start_failed:
             log.warning("worker %d is gone; starting a replacement", slot.index)
-        self._spawn(slot)
+        self._reap(slot)
+        try:
+            self._spawn(slot)
+        except _Closing:
+            raise
+        except BaseException:
+            slot.start_failed = True
+            raise
+        with self._cond:
+            slot.start_failed = False
+            self._counts["restarts"] += 1
+
+    def _fail_queue_if_unable(self) -> None:
+        """When no worker can start, the queued jobs would wait for one forever: fail them
+        UNAVAILABLE (retryable elsewhere); `_submit` refuses new ones until a worker starts."""
+        with self._cond:
+            if not self._unable_to_start():
+                return
+            queued = list(self._queue)
+            self._queue.clear()
+        for job in queued:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(WorkerUnavailableError(
+                    "no worker process of this server can start (see its log); retry on another server"))
 
     def _reap(self, slot: _Slot) -> None:
         slot.alive = False

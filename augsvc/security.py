@@ -86,7 +86,9 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 sent = value.encode() if isinstance(value, str) else bytes(value)
         if hmac.compare_digest(sent, self._expected):
             return continuation(details)
-        if self._on_reject:
-            self._on_reject(method)
         handler = continuation(details)
-        return None if handler is None else _abort_handler(handler)
+        if handler is None:  # no such method: UNIMPLEMENTED, and no metric label of the caller's choosing
+            return None
+        if self._on_reject:
+            self._on_reject(method.rsplit("/", 1)[-1])  # the servicer's name for it, as its own metrics use
+        return _abort_handler(handler)

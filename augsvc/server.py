@@ -8,6 +8,7 @@ forked once gRPC threads exist (DESIGN contract 5). `AugmentServer.stop()` drain
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent import futures
 
@@ -26,6 +27,8 @@ from .shm import sweep_stale_segments
 
 __all__ = ["SERVICE_NAME", "AugmentServer", "ServerSettings", "create_server"]
 
+log = logging.getLogger("augsvc.serve")
+
 
 class AugmentServer:
     """A gRPC server with its worker pool and datasets; `stop()` drains, then frees everything."""
@@ -42,21 +45,34 @@ class AugmentServer:
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._monitor = threading.Thread(target=self._watch_pool, name="augsvc-pool-metrics", daemon=True)
+        self._health_status: int | None = None
 
     def start(self) -> AugmentServer:
         self.grpc_server.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._sample_pool()  # the gauges and health are true from the first scrape, not a second later
         self._monitor.start()
         return self
 
     def _watch_pool(self) -> None:
         while not self._stopped.wait(1.0):
-            stats = self.pool.stats()
-            self.metrics.worker_restarts.set(stats["restarts"])
-            self.metrics.workers_alive.set(stats["alive"])
+            self._sample_pool()
+
+    def _sample_pool(self) -> None:
+        """Workers alive and restarted into the gauges; health SERVING unless no worker can start
+        (every one dead and its last replacement failed: calls would only be refused)."""
+        stats = self.pool.stats()
+        self.metrics.worker_restarts.set(stats["restarts"])
+        self.metrics.workers_alive.set(stats["alive"])
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if self.pool.unable_to_start() else \
+            health_pb2.HealthCheckResponse.SERVING
+        if status != self._health_status and not self._stopped.is_set():
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                log.error("no worker can start (see the errors above): health is NOT_SERVING until one does")
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
+            self._health_status = status
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish within `grace` seconds, then free workers

@@ -118,6 +118,8 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
         try:
             return body()
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never raised into gRPC
+            if isinstance(exc, CancelledError) and not context.is_active():  # the caller left: not our error
+                context.abort(grpc.StatusCode.CANCELLED, str(exc))
             self._status_of(method, exc, context)
             raise  # pragma: no cover - abort raises
         finally:

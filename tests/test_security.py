@@ -149,9 +149,19 @@ def test_token_rejections_do_no_work_and_are_counted(with_token: Served) -> None
     after = with_token.server.pool.stats()
     assert (after["completed"], after["failed"]) == (stats["completed"], stats["failed"])
     count = with_token.server.metrics.registry.get_sample_value(
-        "augsvc_errors_total", {"method": "/augsvc.v1.Augmenter/Augment", "code": "UNAUTHENTICATED"})
+        "augsvc_errors_total", {"method": "Augment", "code": "UNAUTHENTICATED"})  # the servicer's label
     assert count is not None and count >= 3
     augment_ok(with_token.stub, [("authorization", f"Bearer {TOKEN}")])
+    # a method the server does not have is UNIMPLEMENTED, and adds no series: before, every made-up
+    # name a caller without the token sent became a label of its own
+    def samples() -> list[str]:
+        return [f"{s.name}{s.labels}" for m in with_token.server.metrics.registry.collect() for s in m.samples]
+
+    before = samples()
+    for i in range(5):
+        made_up = with_token.channel.unary_unary(f"/augsvc.v1.Augmenter/Nope{i}")
+        assert rpc_code(lambda c=made_up: c(b"", timeout=TIMEOUT)) == grpc.StatusCode.UNIMPLEMENTED
+    assert not any("Nope" in s for s in samples()) and len(samples()) == len(before)
 
 
 def test_health_needs_no_token(with_token: Served) -> None:
@@ -267,3 +277,17 @@ def test_cli_refuses_plaintext_beyond_loopback(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert "augsvc serve: error: address: '0.0.0.0:0' is not loopback" in err and "--insecure" in err, err
     assert segments_of(os.getpid()) == before
+
+
+def test_client_refuses_to_send_its_token_in_clear_text_beyond_this_host() -> None:
+    """Before, AugmentClient("host:port", token=...) without TLS sent the bearer token in clear
+    text to any host; now that needs insecure=True, as plaintext serving needs --insecure."""
+    from trainer_client import AugmentClient
+
+    with pytest.raises(ValueError, match=r"token: it would be sent in clear text to augsvc\.example\.com:50051"):
+        AugmentClient("127.0.0.1:1,augsvc.example.com:50051", token="s3cret")
+    for kwargs in ({"insecure": True}, {"tls": True}):
+        AugmentClient("augsvc.example.com:50051", token="s3cret", **kwargs).close()  # type: ignore[arg-type]
+    for target in ("127.0.0.1:1", "[::1]:1", "localhost:1", "unix:/tmp/augsvc.sock"):
+        AugmentClient(target, token="s3cret").close()
+    AugmentClient("augsvc.example.com:50051").close()  # no token: nothing to protect

@@ -457,6 +457,11 @@ def test_bad_request_in_the_middle_of_augment_stream(main: Served) -> None:
 # -- deadlines and cancellation ---------------------------------------------------------------------
 
 def test_short_deadline(main: Served) -> None:
+    def errors() -> list[str]:
+        return [f"{s.labels}" for m in main.server.metrics.registry.collect() for s in m.samples
+                if s.name == "augsvc_errors_total" and s.labels.get("code") in ("CANCELLED", "DEADLINE_EXCEEDED")]
+
+    before = errors()
     with pytest.raises(grpc.RpcError) as info:
         main.stub.Augment(augment_request(batch(2), seed=SLOW_SEED), timeout=SHORT_DEADLINE_S)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -467,6 +472,11 @@ def test_short_deadline(main: Served) -> None:
     # the started jobs run to their end; nothing stays in flight
     wait_until(lambda: main.server.pool.stats()["inflight"] == 0, what="the pool to drain")
     assert main.server.pool.stats()["restarts"] == 0
+    # a caller that left is not a server error, in a unary call as in a stream (before, Augment's
+    # passed deadline was counted as a CANCELLED error)
+    wait_until(lambda: main.server.metrics.registry.get_sample_value("augsvc_inflight_calls") == 0,
+               what="the calls to end on the server")
+    assert errors() == before
 
 
 def test_cancelled_stream_stops_producing(main: Served) -> None:
@@ -569,6 +579,31 @@ def test_idle_worker_killed_is_replaced(fragile: Served) -> None:
                what="the replacement worker")
     assert pool.pids() != [old_pid]
     assert_serving(fragile)
+
+
+def test_a_worker_that_cannot_start_again_fails_calls_and_health(tmp_path: Path) -> None:
+    """The dataset's segment removed under the server (systemd-logind's RemoveIPC, an operator's
+    clean-up), then the only worker killed: no replacement can attach. Calls are refused
+    UNAVAILABLE at once and health turns NOT_SERVING (before: every call waited for its deadline,
+    health said SERVING, and each failed start counted as a restart). The gauges are right from
+    the first scrape."""
+    with serve(ServerSettings(workers=1, datasets={"digits": "builtin:digits"})) as served:
+        registry, pool = served.server.metrics.registry, served.server.pool
+        assert registry.get_sample_value("augsvc_workers_alive") == 1  # before: 0 for the first second
+        os.unlink(f"/dev/shm/{served.server.datasets['digits'].handle().segment}")
+        (pid,) = pool.pids()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: served.health() == "NOT_SERVING", what="health to say no worker can start")
+        assert served.health("augsvc.v1.Augmenter") == "NOT_SERVING"
+        for call in (lambda: served.stub.Augment(augment_request(batch(3)), timeout=TIMEOUT),
+                     lambda: list(served.stub.StreamBatches(stream_request(), timeout=TIMEOUT))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no worker process of this server can start" in info.value.details()
+        assert pool.stats()["restarts"] == 0 and registry.get_sample_value("augsvc_worker_restarts") == 0
+        assert registry.get_sample_value("augsvc_workers_alive") == 0
 
 
 # -- metrics ----------------------------------------------------------------------------------------

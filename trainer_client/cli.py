@@ -108,7 +108,7 @@ def connect(args: argparse.Namespace, world: World | None = None) -> Iterator[Au
     if args.server:
         tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key) if (args.tls_ca or args.tls_cert) else None
         token = Path(args.token_file).read_text().strip() if args.token_file else None
-        with AugmentClient(args.server, tls=tls, token=token) as client:
+        with AugmentClient(args.server, tls=tls, token=token, insecure=args.insecure) as client:
             yield client
         return
     with contextlib.ExitStack() as stack:
@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--token-file")
+    p.add_argument("--insecure", action="store_true",
+                   help="send --token-file's token without TLS to a server beyond this host")
     p.add_argument("--workers", type=int, default=None, help="embedded service workers")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--spec", default=str(DEFAULT_SPEC), help="augmentation spec (YAML/JSON file or text)")

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from augsvc.errors import AugsvcError, NotFoundError, error_from_status
+from augsvc.security import is_local_address
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -156,8 +157,16 @@ class AugmentClient:
 
     def __init__(self, target_or_endpoints: str | Sequence[str], *, tls: bool | TLSConfig | None = None,
                  token: str | None = None, timeout: float = 60.0, retries: int = 3,
-                 max_message_bytes: int = 512 << 20) -> None:
+                 max_message_bytes: int = 512 << 20, insecure: bool = False) -> None:
+        """token: sent as `authorization: Bearer ...` with every call. Without `tls` it would
+        cross the network in clear text: refused (ValueError) for a target beyond this host (not
+        a unix socket or loopback) unless `insecure=True`, as `augsvc serve` needs --insecure to
+        serve plaintext beyond loopback."""
         self.targets = parse_targets(target_or_endpoints)
+        remote = [t for t in self.targets if not is_local_address(t)]
+        if token and not tls and remote and not insecure:
+            raise ValueError(f"token: it would be sent in clear text to {', '.join(remote)}; use TLS (tls=, "
+                             "--tls-ca), or insecure=True (--insecure) on a network you trust")
         self.timeout = timeout
         self.retries = retries
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
