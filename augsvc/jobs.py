@@ -255,7 +255,9 @@ def batch_range(call: StreamBatchesCall | pb.StreamBatchesRequest | MalformedReq
 
     def plan() -> np.ndarray:
         ids = parsed.sample_ids()
-        population = dataset_indices(np.array(ids, np.uint64), ds.num_samples) if ids else ds.num_samples
+        # np.fromiter: no list of Python ints on the way (a population of millions would cost GBs)
+        population = dataset_indices(np.fromiter(ids, np.uint64, count=len(ids)), ds.num_samples) if ids \
+            else ds.num_samples
         return epoch_permutation(population, seed=request.seed, epoch=request.epoch, shuffle=shuffle)
 
     order = (plan() if parsed.ids_field is None else

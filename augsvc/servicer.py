@@ -13,10 +13,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import grpc
 import numpy as np
@@ -53,6 +53,28 @@ log = logging.getLogger("augsvc.servicer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Augmenter"].full_name
 T = TypeVar("T")
 Reply = tuple[int, bytes]  # (images in it, the serialized message)
+
+
+class _Offers(Sequence[tuple[int, "ClientSegment | None"]]):
+    """The call's (batch index, segment offered for it or None) pairs, made as they are asked for:
+    a call may span millions of batches (batch_size 1 over a large population), and a list of
+    them would cost a tuple each before the first reply."""
+
+    def __init__(self, indices: range, segments: list[ClientSegment]) -> None:
+        self._indices, self._segments = indices, segments
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, ClientSegment | None]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[int, ClientSegment | None]]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._indices[i], self._segments[i] if self._segments else None
 
 
 def _batch_reply(epoch: int, index: int, ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
@@ -179,9 +201,8 @@ class AugmenterServicer(pb_grpc.AugmenterServicer):
                  context: grpc.ServicerContext) -> Iterator[Reply]:
         batches = batch_range(request, self._datasets, self._limits, self._plans)
         segments = self._client_segments(refuse_malformed(request), len(batches.indices), context)
-        offers: list[ClientSegment | None] = list(segments) or [None] * len(batches.indices)
-        yield from self._pool.map_ordered(list(zip(batches.indices, offers, strict=True)),
-                                          partial(self._submit_batch, batches), is_active=context.is_active)
+        yield from self._pool.map_ordered(_Offers(batches.indices, segments), partial(self._submit_batch, batches),
+                                          is_active=context.is_active)
 
     def _submit_batch(self, batches: BatchRange, item: tuple[int, ClientSegment | None]) -> Future[Reply]:
         k, segment = item

@@ -454,6 +454,30 @@ def test_bad_request_in_the_middle_of_augment_stream(main: Served) -> None:
     assert_serving(main)
 
 
+def test_a_call_over_a_million_batches_serves_its_last_ones(main: Served) -> None:
+    """A population of a million ids at batch size 1 is a million batches in one call: the
+    server walks them as they are asked for (before, it built a tuple per batch, and a list of
+    the ids as Python ints, before the first reply: GBs for 16 million ids)."""
+    n = 1_000_000
+    ids = np.arange(n, dtype=np.uint64) % NUM_DIGITS
+    request = stream_request(batch_size=1, shuffle=False, start=n - 2)
+    request.sample_ids.extend(ids.tolist())
+    got = list(main.stub.StreamBatches(request, timeout=TIMEOUT))
+    assert [b.batch_index for b in got] == [n - 2, n - 1]
+    assert [list(b.sample_ids) for b in got] == [[int(ids[-2])], [int(ids[-1])]]
+
+
+def test_offers_pair_each_batch_with_its_segment_lazily() -> None:
+    from augsvc.jobs import ClientSegment
+    from augsvc.servicer import _Offers
+
+    segs = [ClientSegment(f"s{i}", b"t" * 16) for i in range(3)]
+    assert list(_Offers(range(4, 10, 2), segs)) == list(zip(range(4, 10, 2), segs, strict=True))
+    plain = _Offers(range(0, 10**12, 7), [])
+    assert len(plain) == len(range(0, 10**12, 7)) and plain[-1] == (range(0, 10**12, 7)[-1], None)
+    assert plain[1:3] == [(7, None), (14, None)]
+
+
 # -- deadlines and cancellation ---------------------------------------------------------------------
 
 def test_short_deadline(main: Served) -> None:
