@@ -42,6 +42,18 @@ def is_local_address(address: str) -> bool:
         return False
 
 
+def is_local_target(target: str) -> bool:
+    """`is_local_address` of a client's target, read through gRPC's target forms
+    (``dns:///host:port``, ``dns://server/host:port``, ``ipv4:``, ``ipv6:``)."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        target = target[5:]
+    elif target.startswith("dns:"):
+        target = target[4:]
+        if target.startswith("//"):  # dns://[dns server]/host:port
+            target = target[2:].partition("/")[2]
+    return is_local_address(target)
+
+
 def is_local_peer(peer: str) -> bool:
     """True when a call's peer (`ServicerContext.peer()`: "unix:...", "ipv4:127.0.0.1:5000",
     "ipv6:[::1]:5000") is on this host by way of a unix socket or loopback."""

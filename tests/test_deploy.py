@@ -248,6 +248,17 @@ def test_trainer_job_dials_the_headless_service_with_dns() -> None:
     admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert admitted.items() <= job["spec"]["template"]["metadata"]["labels"].items()
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    # The workers serve plaintext with a token: the trainer sends it only when told that is meant
+    # (without --insecure its client refuses to send a token in clear text beyond its host).
+    (worker,) = containers(find("Deployment", "augsvc-workers"))
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["AUGSVC_INSECURE"] == "1" and "AUGSVC_TOKEN_FILE" in env
+    assert "--token-file" in command and "--insecure" in command and "--tls-ca" not in command
+    from trainer_client import AugmentClient
+
+    AugmentClient(target, token="t", insecure=True).close()
+    with pytest.raises(ValueError, match="clear text"):
+        AugmentClient(target, token="t")
 
 
 # -- compose ----------------------------------------------------------------------------------------

@@ -288,6 +288,23 @@ def test_client_refuses_to_send_its_token_in_clear_text_beyond_this_host() -> No
         AugmentClient("127.0.0.1:1,augsvc.example.com:50051", token="s3cret")
     for kwargs in ({"insecure": True}, {"tls": True}):
         AugmentClient("augsvc.example.com:50051", token="s3cret", **kwargs).close()  # type: ignore[arg-type]
-    for target in ("127.0.0.1:1", "[::1]:1", "localhost:1", "unix:/tmp/augsvc.sock"):
+    for target in ("127.0.0.1:1", "[::1]:1", "localhost:1", "unix:/tmp/augsvc.sock", "dns:///localhost:1",
+                   "dns://10.0.0.2/localhost:1", "ipv4:127.0.0.1:1", "ipv6:[::1]:1"):  # gRPC's target forms
         AugmentClient(target, token="s3cret").close()
+    for target in ("dns:///augsvc.example.com:50051", "ipv4:10.1.2.3:50051", "dns://127.0.0.1/augsvc.example.com:1"):
+        with pytest.raises(ValueError, match="clear text"):
+            AugmentClient(target, token="s3cret")
     AugmentClient("augsvc.example.com:50051").close()  # no token: nothing to protect
+
+
+def test_augsvc_train_says_why_it_will_not_send_the_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from trainer_client.cli import main
+
+    (tmp_path / "token").write_text("s3cret\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--server", "augsvc.example.com:50051", "--token-file", str(tmp_path / "token"), "--out",
+              str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("augsvc-train: error: token: it would be sent in clear text") and "--insecure" in err

@@ -86,11 +86,15 @@ def test_a_resume_with_other_options_is_refused_naming_them(photos_server: str, 
            "--no-progress", "--device", "cpu"]
     assert main([*run, "--dropout", "0.3", "--augment-strength", "0.5"]) == 0
     capsys.readouterr()
-    assert main([*run, "--dropout", "0.0", "--resume", str(out / "checkpoint.pt")]) == 2
+    spec_yaml = (out / "spec.yaml").read_text()
+    other_spec = ["--spec", json.dumps({"transforms": [{"resize": {"height": 40, "width": 40}}]})]
+    assert main([*run, "--dropout", "0.0", *other_spec, "--resume", str(out / "checkpoint.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("augsvc-train: error: ") and "dropout 0.0 (the checkpoint's run: 0.3)" in err
-    assert "augment_strength None (the checkpoint's run: '0.5')" in err and "state 'strength' only in the" in err
-    assert main([*run, "--dropout", "0.3", "--augment-strength", "0.5", "--resume", str(out / "checkpoint.pt")]) == 0
+    assert "augment_strength None (the checkpoint's run: 0.5)" in err and "state 'strength' only in the" in err
+    assert "spec '" in err and (out / "spec.yaml").read_text() == spec_yaml  # the run's record is kept
+    # the same strength written otherwise is the same run
+    assert main([*run, "--dropout", "0.3", "--augment-strength", ".50", "--resume", str(out / "checkpoint.pt")]) == 0
     assert "the run is finished (all after epoch 1 of 1); nothing left to train" in capsys.readouterr().out
 
 

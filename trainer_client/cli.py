@@ -108,7 +108,12 @@ def connect(args: argparse.Namespace, world: World | None = None) -> Iterator[Au
     if args.server:
         tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key) if (args.tls_ca or args.tls_cert) else None
         token = Path(args.token_file).read_text().strip() if args.token_file else None
-        with AugmentClient(args.server, tls=tls, token=token, insecure=args.insecure) as client:
+        try:
+            remote = AugmentClient(args.server, tls=tls, token=token, insecure=args.insecure)
+        except ValueError as exc:  # a token it would send in clear text, an empty target list
+            print(f"augsvc-train: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        with remote as client:
             yield client
         return
     with contextlib.ExitStack() as stack:
@@ -188,7 +193,7 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
             from .tensorboard_log import TensorBoardCallback
 
             hooks.append(TensorBoardCallback(args.tensorboard, images_every=args.tb_images_every))
-        if world.is_main:
+        if world.is_main and not args.resume:  # a resumed run's is the one it started with (checked by fit)
             (out / "spec.yaml").write_text(spec.to_yaml())
         with stream, val_stream:
             try:
@@ -215,11 +220,13 @@ def run_settings(args: argparse.Namespace, spec: Spec) -> dict[str, Any]:
     """The options that define a training run beside `TrainConfig`'s (the model, the data, the
     spec by its identity, the augmentation strength): a checkpoint keeps them, and `--resume`
     with others is refused."""
-    keys = ["dataset", "batch_size", "train_size", "val_fraction", "width", "depth", "dropout", "no_batch_norm",
-            "augment_strength"]
-    if args.augment_strength == "adaptive":
+    keys = ["dataset", "batch_size", "train_size", "val_fraction", "width", "depth", "dropout", "no_batch_norm"]
+    schedule = parse_strength(args.augment_strength) if args.augment_strength is not None else None
+    if schedule is not None and schedule.kind == "adaptive":
         keys += ["strength_target", "strength_step", "strength_start", "strength_gap", "strength_per_class"]
-    return {"spec": spec.identity, **{k: getattr(args, k) for k in keys}}
+    # the schedule as parsed: "0.5", ".5" and "0.50" are one strength
+    strength = None if schedule is None else schedule.value if schedule.kind == "fixed" else schedule.kind
+    return {"spec": spec.identity, "augment_strength": strength, **{k: getattr(args, k) for k in keys}}
 
 
 def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spec: Spec, train_ids: Any,

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from augsvc.errors import AugsvcError, NotFoundError, error_from_status
-from augsvc.security import is_local_address
+from augsvc.security import is_local_target
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
@@ -163,7 +163,7 @@ class AugmentClient:
         a unix socket or loopback) unless `insecure=True`, as `augsvc serve` needs --insecure to
         serve plaintext beyond loopback."""
         self.targets = parse_targets(target_or_endpoints)
-        remote = [t for t in self.targets if not is_local_address(t)]
+        remote = [t for t in self.targets if not is_local_target(t)]
         if token and not tls and remote and not insecure:
             raise ValueError(f"token: it would be sent in clear text to {', '.join(remote)}; use TLS (tls=, "
                              "--tls-ca), or insecure=True (--insecure) on a network you trust")

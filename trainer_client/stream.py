@@ -65,7 +65,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from augsvc.errors import AugsvcError, LimitExceededError, StreamError
 from augsvc.plan import epoch_batches
-from augsvc.security import is_local_address
+from augsvc.security import is_local_target
 from augsvc.shm import CLIENT_HEADER_BYTES, client_pixels
 from augsvc.spec import load_spec
 from augsvc.tensors import encode_tensor
@@ -183,7 +183,7 @@ class AugmentedStream(IterableDataset[StreamItem]):
         self._fetcher: _Fetcher | None = None
         self.channels_last = channels_last
         if shared_memory is None:
-            shared_memory = all(is_local_address(t) for t in client.targets)
+            shared_memory = all(is_local_target(t) for t in client.targets)
         self.shared_memory = shared_memory and dataset is not None
         self._segments: SegmentPool | None = None
         self._segments_lock = threading.Lock()

@@ -266,7 +266,8 @@ class DatasetReader:
                 was = int(a["file_bytes"][i]), int(a["mtime_ns"][i])
                 if (len(data), st.st_mtime_ns) != was:
                     now = f"{len(data)} bytes, it was {was[0]}" if len(data) != was[0] else "modified since"
-                    raise DecodeFailed(f"the file changed since the dataset was loaded ({now})")
+                    raise DecodeFailed(f"the file changed since the dataset was loaded ({now}); the server reads it "
+                                       "again when it restarts")
             scale = int(a["scales"][i])
             if box is not None and out is not None and self._whole_once[i] and decode_region(
                     data, header, scale, out, box):
