@@ -476,6 +476,24 @@ def test_color_factors(brightness: float, contrast: float, saturation: float, hu
         _check_uniform(step.values.hue, -hue, hue)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_contrast_after_a_brightness_that_clips_uses_the_clipped_mean(channels: int) -> None:
+    """Bright images whose brightness factor pushes levels past 255: contrast blends toward the
+    gray mean of the clipped image, as the reference (and torchvision) measure it. Before, the
+    fused backend scaled the mean taken before brightness, and whole images came out up to 10
+    levels off at brightness = contrast = 0.8."""
+    x = np.random.default_rng(0).integers(120, 256, (1, 48, 40, channels), np.uint8)
+    images, ids = np.repeat(x, 32, 0), np.arange(32, dtype=np.uint64)
+    spec = {"transforms": [{"color": {"brightness": 0.8, "contrast": 0.8}}]}
+    (step,) = draw_steps(load_spec(spec), seed=0, epoch=0, sample_ids=ids, heights=np.full(32, 48),
+                         widths=np.full(32, 40))
+    assert (step.values.brightness * 255 >= 256).sum() >= 8  # enough of the batch clips
+    fused = augment_batch(images, spec, seed=0, epoch=0, sample_ids=ids).astype(int)
+    reference = augment_batch(images, spec, seed=0, epoch=0, sample_ids=ids, backend="albumentations").astype(int)
+    per_image = np.abs(fused - reference).reshape(32, -1).mean(axis=1)
+    assert per_image.max() < 0.05 and np.abs(fused - reference).max() <= 1
+
+
 def _fallback_box(h: int, w: int, r_lo: float, r_hi: float) -> tuple[int, int, int, int]:
     """torchvision's centre-crop fallback of RandomResizedCrop: (x0, y0, w, h)."""
     ratio = w / h

@@ -7,7 +7,9 @@ Strength s: each factor moves toward 1 (1 + s * (factor - 1)), the hue shift tim
 The fused application takes few OpenCV passes per image:
 - brightness and contrast fold into ONE lookup table per image (albucore's truncating multiply);
   contrast's gray mean is taken from the image before brightness and scaled by the brightness
-  factor, which is exact up to clipping and rounding (the reference measures it after).
+  factor, which is exact up to rounding while nothing clips; where brightness clips (an image
+  whose brightest level times the factor passes 255), the mean is measured exactly from the
+  image's histogram through the brightness table, as the reference measures it after brightness.
 - saturation is one `cv2.transform` with the 3x3 matrix s*I + (1-s)*gray_weights (rounded once;
   the reference rounds the gray image first, so they may differ by one level).
 - hue is the exact HSV round trip, with an exact integer shift of the hue plane.
@@ -88,6 +90,9 @@ def _tables(images: list[np.ndarray], f: ColorFactors, uses: _Uses
             mean = means @ _GRAY if channels == 3 else means[:, 0]
             if uses.brightness:
                 mean = np.clip(mean * b - 0.5 * (b != 1.0), 0, 255)
+                for k in np.flatnonzero(b > 1.0):  # floor(v * b) > 255 from v >= 256 / b: clipped
+                    if cv2.minMaxLoc(images[k].reshape(-1))[1] * b[k] >= 256.0:
+                        mean[k] = _mean_through(images[k], lut[k])
             lut = np.clip(np.floor(lut * c[:, None] + (mean * (1.0 - c))[:, None]), 0, 255)
         bc = lut.astype(np.uint8)
     if uses.saturation:
@@ -97,6 +102,15 @@ def _tables(images: list[np.ndarray], f: ColorFactors, uses: _Uses
         # an integer h is h + floor(180 * factor) mod 180.
         hue = np.mod(np.floor(180.0 * f.hue), 180).astype(np.int64)
     return bc, sat, hue
+
+
+def _mean_through(image: np.ndarray, table: np.ndarray) -> float:
+    """The gray mean of `image` once each level v became table[v] (exact: from its histogram)."""
+    channels = image.shape[2]
+    per_channel = [float(cv2.calcHist([image], [ch], None, [256], [0, 256]).reshape(256) @ table)
+                   for ch in range(channels)]
+    total = image.shape[0] * image.shape[1]
+    return float(np.dot(per_channel, _GRAY) / total) if channels == 3 else per_channel[0] / total
 
 
 class Color(ColorTransform[ColorFactors]):
