@@ -494,6 +494,41 @@ def test_contrast_after_a_brightness_that_clips_uses_the_clipped_mean(channels: 
     assert per_image.max() < 0.05 and np.abs(fused - reference).max() <= 1
 
 
+@pytest.mark.parametrize("border", ["constant", "reflect_101", "replicate"])
+@pytest.mark.parametrize("step", [{"resize": {"height": 40, "width": 36}}, {"resize_shorter": {"side": 40}},
+                                  {"random_resized_crop": {"height": 40, "width": 36, "scale_range": [0.1, 0.3]}}])
+def test_sizing_steps_read_past_the_edge_as_cv2_resize_does(step: dict[str, Any], border: str) -> None:
+    """An enlarging resize samples up to half a pixel past the image (or the crop's box): the
+    edge pixel, as cv2.resize and the reference read it, whatever the spec's border (which is for
+    rotate/scale/translate). Before, the fused warp used the border there: a dark frame with
+    constant fill 0, the second row blended in with reflect_101, and a random_resized_crop read
+    its box's neighbours."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (8, 13, 11, 3), np.uint8)
+    spec = {"transforms": [step], "border": border, "fill": 0}
+    ids = np.arange(8)
+    fused = augment_batch(images, spec, seed=1, epoch=0, sample_ids=ids).astype(int)
+    reference = augment_batch(images, spec, seed=1, epoch=0, sample_ids=ids, backend="albumentations").astype(int)
+    assert np.abs(fused - reference).max() <= 1  # edges included (fixed-point warp vs cv2.resize: 1 level)
+    white = np.full((2, 9, 7, 1), 255, np.uint8)
+    assert (augment_batch(white, spec, seed=1, epoch=0, sample_ids=[0, 1]) == 255).all()
+
+
+def test_a_crop_then_a_rotation_never_shows_what_the_crop_left_out() -> None:
+    """center_crop then rotate: the rotation's corners are the border's (here the fill), as the
+    reference crops first; before, the fused warp composed the two and showed the uncropped image
+    there."""
+    image = np.full((1, 40, 40, 3), 255, np.uint8)
+    image[0, 10:30, 10:30] = 0  # the crop is all black
+    spec = {"transforms": [{"center_crop": {"height": 20, "width": 20}}, {"rotate": {"limit_range": [45, 45]}}],
+            "border": "constant", "fill": 0}
+    for backend in ("fused", "albumentations"):
+        out = augment_batch(image, spec, seed=0, epoch=0, sample_ids=[0], backend=backend)
+        assert out.shape == (1, 20, 20, 3) and out.max() == 0, backend
+    spec["transforms"].insert(0, {"hflip": {"p": 1.0}})  # a crop inside a warp run ends it before the rotation
+    assert augment_batch(image, spec, seed=0, epoch=0, sample_ids=[0]).max() == 0
+
+
 def _fallback_box(h: int, w: int, r_lo: float, r_hi: float) -> tuple[int, int, int, int]:
     """torchvision's centre-crop fallback of RandomResizedCrop: (x0, y0, w, h)."""
     ratio = w / h

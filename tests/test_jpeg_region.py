@@ -38,11 +38,17 @@ GEOMETRIC = [
                     {"center_crop": {"height": 20, "width": 20}}], "border": "replicate"},
     {"transforms": [{"center_crop": {"height": 30, "width": 30}}, {"hflip": {"p": 1.0}}]},
     {"transforms": [{"resize_shorter": {"side": 40}}, {"center_crop": {"height": 32, "width": 32}}]},
+    # a crop, then steps that read past it: the border applies at the crop's edges
+    {"transforms": [{"center_crop": {"height": 30, "width": 30}},
+                    {"rotate": {"limit_range": [-40, 40], "p": 1.0}}], "border": "reflect_101"},
+    {"transforms": [{"hflip": {"p": 0.5}}, {"center_crop": {"height": 30, "width": 30}},
+                    {"scale": {"scale_range": [0.5, 0.8], "p": 1.0}}], "border": "constant", "fill": 3},
+    {"transforms": [{"random_resized_crop": {"height": 90, "width": 90, "scale_range": [0.05, 0.2]}}]},
     # reads whole images: the rotated output's corners map outside the image
     {"transforms": [{"rotate": {"limit_range": [-40, 40], "p": 1.0}},
                     {"random_resized_crop": {"height": 24, "width": 28}}], "border": "constant", "fill": 7},
 ]
-READS_PART = 7  # GEOMETRIC[:READS_PART] leave pixels out
+READS_PART = 10  # GEOMETRIC[:READS_PART] leave pixels out
 
 
 def photo(h: int, w: int, seed: int) -> np.ndarray:

@@ -1,10 +1,18 @@
 """The fused backend: one warp per image for each run of consecutive geometric steps, and color
-math over the whole batch at once. Applies exactly the draws of `transforms.draw_steps`."""
+math over the whole batch at once. Applies exactly the draws of `transforms.draw_steps`.
+
+A warp run reads its input as the reference's steps would: a run that starts with a crop
+(center_crop, random_resized_crop) warps a view of the crop's box, so that what lies outside
+the box is never read (the border mode applies at the box's edges, as the reference crops
+first); a crop further into a run ends it before any later resampling step (which would read
+past the crop); and a run without rotate/scale/translate — crops, flips and one sizing step —
+reads past the image's edge as cv2.resize does (the edge pixel), whatever the spec's border,
+which is for the affine steps."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -15,7 +23,7 @@ except ImportError:  # numpy < 2
     from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
 
 from ..spec import Spec
-from ..transforms import ColorTransform, Draw, GeometricTransform, PixelTransform, Resampling
+from ..transforms import ColorTransform, CropBoxes, Draw, GeometricTransform, PixelTransform, Resampling
 from .images import BORDERS, Images, as_list, stack_if_uniform
 
 # OpenCV 5's bilinear warp moves 4-channel pixels much faster than 3-channel ones (measured:
@@ -46,16 +54,17 @@ def _rgbx_of(src: np.ndarray) -> np.ndarray | None:
     then reads it as it is, without converting RGB to RGBA first. None otherwise. The fourth
     byte's value never matters: the warp treats each channel alone."""
     h, w, c = src.shape
-    if c != 3 or src.strides != (4 * w, 4, 1):
+    row = src.strides[0]
+    if c != 3 or src.strides[1:] != (4, 1) or row < 4 * w:  # rows of 4-byte pixels (a box of them too)
         return None
     owner = src
     while isinstance(owner.base, np.ndarray):
         owner = owner.base
     low, high = byte_bounds(owner)
     start = src.__array_interface__["data"][0]
-    if not low <= start <= start + 4 * h * w <= high:  # the 4th bytes are the owner's memory
+    if not low <= start <= start + row * (h - 1) + 4 * w <= high:  # the 4th bytes are the owner's memory
         return None
-    return np.lib.stride_tricks.as_strided(src, (h, w, 4), (4 * w, 4, 1), writeable=False)
+    return np.lib.stride_tricks.as_strided(src, (h, w, 4), (row, 4, 1), writeable=False)
 
 
 def _axis_slice(scale: float, shift: float, out: int, size: int) -> slice | None:
@@ -128,11 +137,42 @@ def reads_in_warp(draws: list[Draw[Any]]) -> bool:
     return bool(draws) and isinstance(draws[0].transform, GeometricTransform)
 
 
+def _run_border(run: list[Draw[Any]], spec: Spec) -> str:
+    """The border mode a run's warp reads past its input's edge with: the spec's where the run
+    rotates, scales or translates; else the edge pixel, as cv2.resize (and the reference) read."""
+    affine = any(cast(GeometricTransform[Any], d.transform).resampling is Resampling.AFFINE for d in run)
+    return spec.border if affine else "replicate"
+
+
+def _leading_box(run: list[Draw[Any]]) -> CropBoxes | None:
+    """The boxes of the crop a run starts with (its warp reads a view of them), else None."""
+    values = run[0].values
+    return values if isinstance(values, CropBoxes) else None
+
+
+def _from_box(m: np.ndarray, box: CropBoxes) -> np.ndarray:
+    """The matrices `m` (of the whole input) for inputs that are views of the boxes."""
+    shift = np.broadcast_to(np.eye(3), m.shape).copy()
+    shift[:, 0, 2], shift[:, 1, 2] = box.x0, box.y0
+    result: np.ndarray = m @ shift
+    return result
+
+
 def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | None = None,
           read: Callable[[int], None] | None = None) -> Images:
     m = _run_matrices(run)
     oh, ow = run[-1].out_size
-    border = BORDERS[spec.border]
+    border = BORDERS[_run_border(run, spec)]
+    box = _leading_box(run)
+    if box is not None:
+        m = _from_box(m, box)
+
+    def source(i: int) -> np.ndarray:
+        if box is None:
+            return work[i]
+        x0, y0 = int(box.x0[i]), int(box.y0[i])
+        return work[i][y0:y0 + int(box.h[i]), x0:x0 + int(box.w[i])]
+
     n = m.shape[0]
     channels = work[0].shape[-1] if n else 1
     scratch = _Scratch()
@@ -144,13 +184,13 @@ def _warp(work: Images, run: list[Draw[Any]], spec: Spec, into: np.ndarray | Non
         for i in range(n):
             if read is not None:
                 read(i)
-            _warp_one(work[i], m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill, scratch)
+            _warp_one(source(i), m[i], int(oh[0]), int(ow[0]), out[i], border, spec.fill, scratch)
         return out
     warped = []
     for i in range(n):
         if read is not None:
             read(i)
-        warped.append(_warp_one(work[i], m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch))
+        warped.append(_warp_one(source(i), m[i], int(oh[i]), int(ow[i]), None, border, spec.fill, scratch))
     return warped
 
 
@@ -167,9 +207,13 @@ def read_boxes(draws: list[Draw[Any]], spec: Spec, heights: np.ndarray, widths: 
     inside the clamped box) or a mirror image (reflect_101: the box takes in the mirrored part)."""
     if not reads_in_warp(draws):
         return None
-    end = _warp_run_end(draws, 0)
-    m = _run_matrices(draws[:end])
-    oh, ow = (a.astype(np.float64) for a in draws[end - 1].out_size)
+    run = draws[:_warp_run_end(draws, 0)]
+    m = _run_matrices(run)
+    oh, ow = (a.astype(np.float64) for a in run[-1].out_size)
+    box = _leading_box(run)
+    if box is not None:  # the warp reads a view of the box: work in its coordinates, then shift back
+        m = _from_box(m, box)
+        heights, widths = box.h, box.w
     try:
         inverse = np.linalg.inv(m)
     except np.linalg.LinAlgError:
@@ -181,8 +225,11 @@ def read_boxes(draws: list[Draw[Any]], spec: Spec, heights: np.ndarray, widths: 
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
         return None
     h, w = heights.astype(np.int64), widths.astype(np.int64)
-    x0, x1 = _axis_reads(np.floor(xs.min(axis=1)), np.floor(xs.max(axis=1)), w, spec.border)
-    y0, y1 = _axis_reads(np.floor(ys.min(axis=1)), np.floor(ys.max(axis=1)), h, spec.border)
+    border = _run_border(run, spec)
+    x0, x1 = _axis_reads(np.floor(xs.min(axis=1)), np.floor(xs.max(axis=1)), w, border)
+    y0, y1 = _axis_reads(np.floor(ys.min(axis=1)), np.floor(ys.max(axis=1)), h, border)
+    if box is not None:
+        x0, x1, y0, y1 = x0 + box.x0, x1 + box.x0, y0 + box.y0, y1 + box.y0
     return np.stack([x0, y0, x1, y1], axis=1)
 
 
@@ -204,13 +251,18 @@ def _axis_reads(low: np.ndarray, high: np.ndarray, size: np.ndarray, border: str
 def _warp_run_end(draws: list[Draw[Any]], i: int) -> int:
     """End of the run of geometric steps from i that one warp applies (see `Resampling`)."""
     kinds: set[Resampling] = set()
+    cropped = False  # a crop inside the run (not its first step): no resampling may follow it
     j = i
     while j < len(draws) and isinstance(transform := draws[j].transform, GeometricTransform):
         kind = transform.resampling
+        crops = isinstance(draws[j].values, CropBoxes)
         if kind is not Resampling.EXACT:
-            if Resampling.SIZE in kinds or (kind is Resampling.SIZE and kinds):
+            if cropped or Resampling.SIZE in kinds or (kind is Resampling.SIZE and kinds):
+                break
+            if crops and j > i:  # a resampling crop reads at its box's edges: it starts its own run
                 break
             kinds.add(kind)
+        cropped = cropped or (crops and j > i)
         j += 1
     return j
 

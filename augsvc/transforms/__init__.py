@@ -19,10 +19,10 @@ import numpy as np
 
 from ..rng import Draws
 from ..spec import TRANSFORM_NAMES, Spec
-from .base import ColorTransform, Draw, GeometricTransform, PixelTransform, Resampling, Transform
+from .base import ColorTransform, CropBoxes, Draw, GeometricTransform, PixelTransform, Resampling, Transform
 
-__all__ = ["TRANSFORMS", "ColorTransform", "Draw", "GeometricTransform", "PixelTransform", "Resampling",
-           "Transform", "draw_steps"]
+__all__ = ["TRANSFORMS", "ColorTransform", "CropBoxes", "Draw", "GeometricTransform", "PixelTransform",
+           "Resampling", "Transform", "draw_steps"]
 
 
 def _definition(name: str) -> Transform[Any]:
