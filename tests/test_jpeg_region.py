@@ -44,11 +44,14 @@ GEOMETRIC = [
     {"transforms": [{"hflip": {"p": 0.5}}, {"center_crop": {"height": 30, "width": 30}},
                     {"scale": {"scale_range": [0.5, 0.8], "p": 1.0}}], "border": "constant", "fill": 3},
     {"transforms": [{"random_resized_crop": {"height": 90, "width": 90, "scale_range": [0.05, 0.2]}}]},
+    # flips before the crop: still one warp of a view of the crop's box (mapped back through the flips)
+    {"transforms": [{"vflip": {"p": 0.5}}, {"hflip": {"p": 0.5}},
+                    {"random_resized_crop": {"height": 24, "width": 24, "scale_range": [0.1, 0.4]}}]},
     # reads whole images: the rotated output's corners map outside the image
     {"transforms": [{"rotate": {"limit_range": [-40, 40], "p": 1.0}},
                     {"random_resized_crop": {"height": 24, "width": 28}}], "border": "constant", "fill": 7},
 ]
-READS_PART = 10  # GEOMETRIC[:READS_PART] leave pixels out
+READS_PART = 11  # GEOMETRIC[:READS_PART] leave pixels out
 
 
 def photo(h: int, w: int, seed: int) -> np.ndarray:

@@ -1,13 +1,14 @@
 """The fused backend: one warp per image for each run of consecutive geometric steps, and color
 math over the whole batch at once. Applies exactly the draws of `transforms.draw_steps`.
 
-A warp run reads its input as the reference's steps would: a run that starts with a crop
-(center_crop, random_resized_crop) warps a view of the crop's box, so that what lies outside
-the box is never read (the border mode applies at the box's edges, as the reference crops
-first); a crop further into a run ends it before any later resampling step (which would read
-past the crop); and a run without rotate/scale/translate — crops, flips and one sizing step —
-reads past the image's edge as cv2.resize does (the edge pixel), whatever the spec's border,
-which is for the affine steps."""
+A warp run reads its input as the reference's steps would: where a run's crop (center_crop,
+random_resized_crop) has only flips and crops before it, the warp reads a view of that crop's
+box (mapped back through them to the input), so that what lies outside the box is never read
+(the border mode applies at the box's edges, as the reference crops first); a crop after a
+resampling step ends the run before any later resampling step (which would read past the crop);
+and a run without rotate/scale/translate — crops, flips and one sizing step — reads past the
+image's edge as cv2.resize does (the edge pixel), whatever the spec's border, which is for the
+affine steps."""
 
 from __future__ import annotations
 
@@ -145,9 +146,25 @@ def _run_border(run: list[Draw[Any]], spec: Spec) -> str:
 
 
 def _leading_box(run: list[Draw[Any]]) -> CropBoxes | None:
-    """The boxes of the crop a run starts with (its warp reads a view of them), else None."""
-    values = run[0].values
-    return values if isinstance(values, CropBoxes) else None
+    """The box, in the run's input, of the last crop that only whole-pixel steps (flips, crops)
+    precede: the warp reads a view of it. None when the run has no such crop."""
+    k = None
+    for j, d in enumerate(run):
+        if isinstance(d.values, CropBoxes):
+            k = j
+        if cast(GeometricTransform[Any], d.transform).resampling is not Resampling.EXACT:
+            break
+    if k is None:
+        return None
+    box = cast(CropBoxes, run[k].values)
+    if k == 0:
+        return box
+    inverse = np.linalg.inv(_run_matrices(run[:k]))  # whole-pixel maps: exact integers
+    xs = inverse[:, 0, 0, None] * np.stack([box.x0, box.x0 + box.w - 1], 1) + inverse[:, 0, 1, None] * \
+        np.stack([box.y0, box.y0 + box.h - 1], 1) + inverse[:, 0, 2, None]
+    ys = inverse[:, 1, 0, None] * np.stack([box.x0, box.x0 + box.w - 1], 1) + inverse[:, 1, 1, None] * \
+        np.stack([box.y0, box.y0 + box.h - 1], 1) + inverse[:, 1, 2, None]
+    return CropBoxes(np.rint(xs.min(1)).astype(np.int64), np.rint(ys.min(1)).astype(np.int64), box.w, box.h)
 
 
 def _from_box(m: np.ndarray, box: CropBoxes) -> np.ndarray:
@@ -251,7 +268,8 @@ def _axis_reads(low: np.ndarray, high: np.ndarray, size: np.ndarray, border: str
 def _warp_run_end(draws: list[Draw[Any]], i: int) -> int:
     """End of the run of geometric steps from i that one warp applies (see `Resampling`)."""
     kinds: set[Resampling] = set()
-    cropped = False  # a crop inside the run (not its first step): no resampling may follow it
+    cropped = False  # a crop after a resampling step: no resampling may follow it
+    exact = True     # only flips and crops so far: a crop here is the box the warp views
     j = i
     while j < len(draws) and isinstance(transform := draws[j].transform, GeometricTransform):
         kind = transform.resampling
@@ -259,10 +277,11 @@ def _warp_run_end(draws: list[Draw[Any]], i: int) -> int:
         if kind is not Resampling.EXACT:
             if cropped or Resampling.SIZE in kinds or (kind is Resampling.SIZE and kinds):
                 break
-            if crops and j > i:  # a resampling crop reads at its box's edges: it starts its own run
+            if crops and not exact:  # a resampling crop reads at its box's edges
                 break
             kinds.add(kind)
-        cropped = cropped or (crops and j > i)
+        cropped = cropped or (crops and not exact)
+        exact = exact and kind is Resampling.EXACT
         j += 1
     return j
 
