@@ -330,6 +330,25 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path: Path) -> 
     assert resume(quiet(epochs=2, out_dir=out), settings={"width": 4, "dropout": 0.0})
 
 
+def test_a_validation_loss_that_is_not_finite_stops_the_run() -> None:
+    """No epoch could be "best": before, fit reported epoch 0 and restored the untrained weights."""
+    images, labels = halves_data(32, seed=0)
+    val_images = images.float()
+    val_images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="epoch 1: the validation loss is nan"):
+        fit(tiny_model(), as_epochs(images, labels), (val_images, labels), quiet(epochs=2), log=lambda _: None)
+
+
+def test_weight_norms_of_huge_weights_stay_finite() -> None:
+    """L2 <= L1 always; in float32 the sum of squares of weights near 1e20 overflowed to inf."""
+    model = tiny_model()
+    with torch.no_grad():
+        for w in penalized_weights(model):
+            w.fill_(1e20)
+    stats = weight_stats(model)
+    assert np.isfinite(stats["l2_norm"]) and stats["l2_norm"] <= stats["l1_norm"]
+
+
 class _Counter:
     """A stateful object for `fit(stateful=...)`."""
 

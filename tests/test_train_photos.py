@@ -98,6 +98,49 @@ def test_a_resume_with_other_options_is_refused_naming_them(photos_server: str, 
     assert "the run is finished (all after epoch 1 of 1); nothing left to train" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--val-fraction", "0"], "--val-fraction: 0.0 is not allowed; expected a fraction in (0, 1)"),
+    (["--val-fraction", "-0.1"], "--val-fraction: -0.1 is not allowed"),
+    (["--train-size", "0"], "--train-size: 0 is not allowed; expected an integer >= 1"),
+    (["--epochs", "0"], "epochs: 0 is not allowed; expected an integer >= 1"),
+    (["--dropout", "1.0"], "--dropout: 1.0 is not allowed; expected a value in [0, 1)"),
+    (["--label-smoothing", "1.5"], "label_smoothing: 1.5 is not allowed"),
+    (["--augment-strength", "2"], "--augment-strength: 2.0 is outside [0, 1]"),
+])
+def test_impossible_options_are_refused_before_anything_starts(args: list[str], message: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """One usage line and exit 2, before a server starts (before: tracebacks after the embedded
+    server had started, or, for a negative fraction, an inverted split trained silently)."""
+    with pytest.raises(SystemExit) as info:
+        main(["--out", "unused", "--no-progress", *args])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_train_size_over_what_is_left_is_refused(photos_server: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--server", photos_server, "--dataset", "photos", "--spec", json.dumps(CROP_SPEC), "--out",
+              str(tmp_path), "--train-size", "49", "--val-fraction", "0.2", "--no-progress"])
+    assert info.value.code == 2
+    assert "--train-size 49: only 48 of the dataset's 60 images are left for training" in capsys.readouterr().err
+
+
+def test_the_regularization_study_runs_small_on_a_served_folder(photos_server: str, tmp_path: Path) -> None:
+    """--experiment regularization on RGB photos of three classes, two epochs a run (before: it
+    built a 1-channel, 10-class model and failed, and --epochs was ignored for its fixed 60)."""
+    out = tmp_path / "study"
+    code = main(["--server", photos_server, "--dataset", "photos", "--spec", json.dumps(CROP_SPEC),
+                 "--experiment", "regularization", "--out", str(out), "--seeds", "0", "--exp-train", "24",
+                 "--exp-val", "12", "--exp-batch-size", "4", "--exp-epochs", "2", "--exp-patience", "2",
+                 "--exp-depth", "2", "--exp-width", "8", "--device", "cpu"])
+    assert code == 0
+    runs = sorted((out / "runs").glob("*/metrics.jsonl"))
+    assert len(runs) == 4
+    for metrics in runs:
+        assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+    assert (out / "regularization.md").exists()
+
+
 def test_eval_pipeline_follows_the_training_spec() -> None:
     cropped = eval_spec("augsvc/examples/imagenet.yaml").to_dict()["transforms"]
     assert cropped == [{"resize_shorter": {"side": 256}}, {"center_crop": {"height": 224, "width": 224}}]

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -158,7 +158,14 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
             out.mkdir(parents=True, exist_ok=True)
         info = client.dataset_info(args.dataset)
         n = info.num_samples
-        train_ids, val_ids = random_split(n, int(round(n * args.val_fraction)), args.seed, args.train_size)
+        n_val = int(round(n * args.val_fraction))
+        if not 0 < n_val < n:
+            _refuse(f"--val-fraction {args.val_fraction}: {n_val} of the dataset's {n} images for validation; "
+                    "expected at least one for each side")
+        if args.train_size is not None and args.train_size > n - n_val:
+            _refuse(f"--train-size {args.train_size}: only {n - n_val} of the dataset's {n} images are left for "
+                    f"training beside the {n_val} for validation")
+        train_ids, val_ids = random_split(n, n_val, args.seed, args.train_size)
         val_spec = eval_spec(spec)
         check_batch_fits(client.server_info(), spec, info, args.batch_size)
         val_stream = validation_stream(client, args.dataset, val_spec, val_ids,
@@ -216,6 +223,12 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
     return 0
 
 
+def _refuse(message: str) -> NoReturn:
+    """A command line that the data it met makes impossible: one error line, exit 2 (as argparse)."""
+    print(f"augsvc-train: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def run_settings(args: argparse.Namespace, spec: Spec) -> dict[str, Any]:
     """The options that define a training run beside `TrainConfig`'s (the model, the data, the
     spec by its identity, the augmentation strength): a checkpoint keeps them, and `--resume`
@@ -264,7 +277,7 @@ def strength_callback(args: argparse.Namespace, client: AugmentClient, clean_spe
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import DIGITS_SPEC, digits_split, run_regularization_experiment
+    from .experiment import DIGITS_MEAN, DIGITS_SPEC, DIGITS_STD, digits_split, run_regularization_experiment
 
     out = Path(args.out)
     spec = load_spec(args.spec) if args.spec_given else load_spec(DIGITS_SPEC)
@@ -292,8 +305,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 f"{len(val_ids)} validation images, batch size {args.exp_batch_size}; training batches streamed "
                 f"from augsvc (AugmentedStream) with `{spec.to_dict()}`.")
         print(note, flush=True)
-        run_regularization_experiment(make_train_epoch, lambda: val_stream, out_dir=out, seeds=tuple(args.seeds),
-                                      data_note=note, depth=args.exp_depth, width=args.exp_width)
+        fmt = image_format(client, args.dataset, plain, info, int(val_ids[0]))
+        # the digits' pixel statistics, or a neutral normalization for any other dataset
+        mean, std = (DIGITS_MEAN, DIGITS_STD) if args.dataset == "digits" and n == 1797 else \
+            ((0.5,) * fmt.channels, (0.25,) * fmt.channels)
+        run_regularization_experiment(
+            make_train_epoch, lambda: val_stream, out_dir=out, seeds=tuple(args.seeds), data_note=note,
+            depth=args.exp_depth, width=args.exp_width, epochs=args.exp_epochs, patience=args.exp_patience,
+            lr=args.exp_lr, device=device_for(args.device, World()), in_channels=fmt.channels,
+            num_classes=info.num_classes, mean=mean, std=std)
     print(f"wrote {out}/regularization.md and {out}/regularization.png")
     return 0
 
@@ -349,7 +369,8 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--prefetch", type=int, help="batches kept ahead (default: as many as fit in 256 MiB, 4 to 32)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2, as decoupled weight decay")
+    p.add_argument("--weight-decay", type=float, default=5e-2,
+                   help="L2, as AdamW's decoupled weight decay (scaled by lr: 5e-2 here is about SGD's 5e-4)")
     p.add_argument("--l1", type=float, default=1e-5)
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--width", type=int, default=32)
@@ -390,8 +411,28 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
     p.add_argument("--exp-batch-size", type=int, default=16)
     p.add_argument("--exp-depth", type=int, default=4, help="experiment: conv blocks (same for every config)")
     p.add_argument("--exp-width", type=int, default=32, help="experiment: channels of the first block")
+    p.add_argument("--exp-epochs", type=int, default=60, help="experiment: epochs per run (early stopping aside)")
+    p.add_argument("--exp-patience", type=int, default=15, help="experiment: early stopping's patience")
+    p.add_argument("--exp-lr", type=float, default=3e-3, help="experiment: AdamW's learning rate")
     args = p.parse_args(argv)
     args.spec_given = args.spec != str(DEFAULT_SPEC)
+    checks = [("--val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "a fraction in (0, 1)"),
+              ("--train-size", args.train_size, args.train_size is None or args.train_size >= 1, "an integer >= 1"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+              ("--dropout", args.dropout, 0 <= args.dropout < 1, "a value in [0, 1)"),
+              ("--width", args.width, args.width >= 1, "an integer >= 1"),
+              ("--depth", args.depth, args.depth >= 1, "an integer >= 1")]
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            p.error(f"{flag}: {value} is not allowed; expected {allowed}")
+    try:  # the training settings, checked as fit checks them, before anything starts
+        TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, l1=args.l1,
+                    label_smoothing=args.label_smoothing, patience=args.patience,
+                    checkpoint_every=args.checkpoint_every)
+        if args.augment_strength is not None:
+            parse_strength(args.augment_strength)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.nproc is not None and "RANK" not in os.environ:
         if args.nproc < 1:
             p.error(f"--nproc: {args.nproc} is not allowed; expected >= 1")
