@@ -534,6 +534,9 @@ class WorkerPool:
 
     def _replace(self, slot: _Slot) -> None:
         """Start a process in a slot whose process is gone; a restart is counted once it is ready."""
+        with self._cond:
+            if self._closing:  # close() stopped it: nothing to replace, nothing to warn about
+                raise _Closing
         if not slot.start_failed:
             log.warning("worker %d is gone; starting a replacement", slot.index)
         self._reap(slot)

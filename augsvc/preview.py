@@ -10,18 +10,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .engine import augment_batch
+from .errors import InvalidInputError
 from .samples import sample_photo
 from .spec import load_spec
 
 
 def load_image(path: str | None) -> np.ndarray:
-    """An (H,W,C) uint8 image from a file, or the built-in sample photo when path is None."""
+    """An (H,W,C) uint8 image from a PNG/JPEG file, decoded as a server decodes a dataset's files
+    (`augsvc.datasets.decode`: 16-bit samples keep their high byte, alpha is dropped, gray stays one
+    channel), or the built-in sample photo when path is None."""
     if path is None:
         return sample_photo()
-    with Image.open(path) as opened:
-        im = opened.convert("L") if opened.mode in ("L", "I;16", "1") else opened.convert("RGB")
-        arr = np.asarray(im)
-    return arr[..., None] if arr.ndim == 2 else arr
+    from .datasets.decode import DecodeFailed, decode, probe  # the server's own decoding: what training gets
+
+    data = Path(path).read_bytes()
+    try:
+        header = probe(data)
+        return decode(data, header, 1 if header.gray else 3, 1)
+    except DecodeFailed as exc:
+        raise InvalidInputError(f"{path}: {exc}") from None
 
 
 def preview_grid(image: np.ndarray, spec: Any, *, count: int = 11, cols: int = 4, seed: int = 0,

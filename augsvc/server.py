@@ -9,6 +9,8 @@ forked once gRPC threads exist (DESIGN contract 5). `AugmentServer.stop()` drain
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from concurrent import futures
 
@@ -119,6 +121,23 @@ def load_datasets(settings: ServerSettings) -> dict[str, Dataset]:
     return datasets
 
 
+def _refuse_live_socket(path: str) -> None:
+    """ValueError when a server already answers on the unix socket `path`: gRPC would unlink it and
+    take the name over, leaving that server running unreachable. A stale file (nobody listening)
+    is left for gRPC to replace."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return  # not a socket, or nobody listening: gRPC replaces it
+    finally:
+        probe.close()
+    raise ValueError(f"unix socket {path}: another server is listening there; stop it or choose another path")
+
+
 def create_server(address: str, settings: ServerSettings | None = None) -> tuple[AugmentServer, int]:
     """Build a server bound to `address` ('127.0.0.1:0', '[::1]:50051', 'unix:/path'); returns it
     (not yet started: call `.start()`) and the bound port (0 for unix sockets)."""
@@ -131,6 +150,10 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
     if not tls and not settings.insecure and not is_local_address(address):
         raise ValueError(f"address: {address!r} is not loopback or a unix socket; serve it with TLS "
                          "(tls_cert/tls_key) or pass insecure=True (--insecure) explicitly")
+    if settings.token is not None and not settings.token:
+        raise ValueError("token: empty; a token server needs a non-empty secret (an empty one would serve anyone)")
+    if address.startswith("unix:"):
+        _refuse_live_socket(address.removeprefix("unix:").removeprefix("//"))
     sweep_stale_segments()
     datasets = load_datasets(settings)
     pool = WorkerPool(settings.workers or default_workers(), datasets=datasets,
@@ -140,7 +163,7 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         pool.start()  # before gRPC exists (DESIGN contract 5)
         metrics = ServerMetrics()
         interceptors = []
-        if settings.token:
+        if settings.token is not None:
             interceptors.append(TokenInterceptor(
                 settings.token, on_reject=lambda m: metrics.errors.labels(m, "UNAUTHENTICATED").inc()))
         options = [("grpc.max_send_message_length", settings.max_message_bytes),
