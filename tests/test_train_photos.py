@@ -106,6 +106,7 @@ def test_a_resume_with_other_options_is_refused_naming_them(photos_server: str, 
     (["--dropout", "1.0"], "--dropout: 1.0 is not allowed; expected a value in [0, 1)"),
     (["--label-smoothing", "1.5"], "label_smoothing: 1.5 is not allowed"),
     (["--augment-strength", "2"], "--augment-strength: 2.0 is outside [0, 1]"),
+    (["--experiment", "regularization", "--exp-patience", "0"], "patience: 0 is not allowed"),
 ])
 def test_impossible_options_are_refused_before_anything_starts(args: list[str], message: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,6 +140,18 @@ def test_the_regularization_study_runs_small_on_a_served_folder(photos_server: s
     for metrics in runs:
         assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
     assert (out / "regularization.md").exists()
+
+
+def test_resuming_a_run_made_with_the_old_weight_decay_default_says_how(photos_server: str, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "old"
+    run = ["--server", photos_server, "--dataset", "photos", "--spec", json.dumps(CROP_SPEC), "--out", str(out),
+           "--epochs", "1", "--batch-size", "4", "--width", "8", "--depth", "2", "--no-progress", "--device", "cpu"]
+    assert main([*run, "--weight-decay", "0.0005"]) == 0  # what the default was before 2026-11-27
+    capsys.readouterr()
+    assert main([*run, "--resume", str(out / "checkpoint.pt")]) == 2
+    assert "add --weight-decay 0.0005 to go on with a run started before" in capsys.readouterr().err
+    assert main([*run, "--weight-decay", "0.0005", "--resume", str(out / "checkpoint.pt")]) == 0
 
 
 def test_eval_pipeline_follows_the_training_spec() -> None:

@@ -154,17 +154,17 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
     spec = load_spec(args.spec)
     with process_group(args.device) as world, connect(args, world) as client:
         say: Callable[..., None] = print if world.is_main else quiet
-        if world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
         info = client.dataset_info(args.dataset)
         n = info.num_samples
         n_val = int(round(n * args.val_fraction))
         if not 0 < n_val < n:
             _refuse(f"--val-fraction {args.val_fraction}: {n_val} of the dataset's {n} images for validation; "
-                    "expected at least one for each side")
+                    "expected at least one for each side", world)
         if args.train_size is not None and args.train_size > n - n_val:
             _refuse(f"--train-size {args.train_size}: only {n - n_val} of the dataset's {n} images are left for "
-                    f"training beside the {n_val} for validation")
+                    f"training beside the {n_val} for validation", world)
+        if world.is_main:  # after the checks: a refused command leaves no folder behind
+            out.mkdir(parents=True, exist_ok=True)
         train_ids, val_ids = random_split(n, n_val, args.seed, args.train_size)
         val_spec = eval_spec(spec)
         check_batch_fits(client.server_info(), spec, info, args.batch_size)
@@ -208,9 +208,17 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
                               stateful={"strength": strength} if strength is not None else None, callbacks=hooks,
                               resume=args.resume, num_classes=info.num_classes, settings=run_settings(args, spec))
             except ResumeMismatch as exc:  # every rank finds it, before any collective of the run
+                hint = ""
+                if "weight_decay 0.05 (the checkpoint's run: 0.0005)" in str(exc):
+                    hint = (" (--weight-decay's default became 0.05 on 2026-11-27, AdamW's scale; add "
+                            "--weight-decay 0.0005 to go on with a run started before)")
+                if world.is_main:
+                    print(f"augsvc-train: error: {exc}{hint}", file=sys.stderr, flush=True)
+                return 2
+            except FloatingPointError as exc:  # a loss that is not a number: the run cannot go on
                 if world.is_main:
                     print(f"augsvc-train: error: {exc}", file=sys.stderr, flush=True)
-                return 2
+                return 1
     if not world.is_main:
         return 0
     best = history.best
@@ -223,9 +231,11 @@ def cmd_train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> i
     return 0
 
 
-def _refuse(message: str) -> NoReturn:
-    """A command line that the data it met makes impossible: one error line, exit 2 (as argparse)."""
-    print(f"augsvc-train: error: {message}", file=sys.stderr, flush=True)
+def _refuse(message: str, world: World) -> NoReturn:
+    """A command line that the data it met makes impossible: one error line (from rank 0), exit 2
+    (as argparse) on every rank."""
+    if world.is_main:
+        print(f"augsvc-train: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
@@ -431,6 +441,8 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -
                     checkpoint_every=args.checkpoint_every)
         if args.augment_strength is not None:
             parse_strength(args.augment_strength)
+        if args.experiment == "regularization":
+            TrainConfig(epochs=args.exp_epochs, lr=args.exp_lr, patience=args.exp_patience)
     except ValueError as exc:
         p.error(str(exc))
     if args.nproc is not None and "RANK" not in os.environ:

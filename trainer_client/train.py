@@ -199,7 +199,8 @@ def weight_stats(model: nn.Module, near_zero: float = 1e-3) -> dict[str, float]:
     weights = penalized_weights(model)
     if not weights:
         return {"l1_norm": 0.0, "l2_norm": 0.0, "near_zero_frac": 0.0}
-    flat = torch.cat([w.detach().flatten().double() for w in weights])  # float32's sum of squares overflows
+    # in float64 (float32's sum of squares overflows), on the CPU (some devices have no float64)
+    flat = torch.cat([w.detach().flatten().to("cpu", torch.float64) for w in weights])
     return {"l1_norm": flat.abs().sum().item(), "l2_norm": flat.norm().item(),
             "near_zero_frac": (flat.abs() < near_zero).float().mean().item()}
 
@@ -520,7 +521,8 @@ def fit(model: nn.Module, train_epoch: TrainEpoch, val_data: ValData, config: Tr
             train_seconds = time.perf_counter() - start
             val_sums = class_sums(model, val_data, num_classes=num_classes, device=device, world=world)
             val_loss, val_acc = loss_and_accuracy(val_sums)
-            if not math.isfinite(val_loss):  # no epoch could be "best": the restored weights would be the initial ones
+            if not math.isfinite(val_loss) and state.best_epoch == 0:  # no epoch could be "best": the
+                # restored weights would be the initial ones (a later one counts as not improved)
                 raise FloatingPointError(f"epoch {epoch}: the validation loss is {val_loss} (a non-finite value in "
                                          "the validation images, or weights that overflow); lower lr")
             val_sums.setflags(write=False)  # one array, handed to every callback

@@ -7,9 +7,9 @@ Strength s: each factor moves toward 1 (1 + s * (factor - 1)), the hue shift tim
 The fused application takes few OpenCV passes per image:
 - brightness and contrast fold into ONE lookup table per image (albucore's truncating multiply);
   contrast's gray mean is taken from the image before brightness and scaled by the brightness
-  factor, which is exact up to rounding while nothing clips; where brightness clips (an image
-  whose brightest level times the factor passes 255), the mean is measured exactly from the
-  image's histogram through the brightness table, as the reference measures it after brightness.
+  factor, which is exact up to rounding while nothing clips; an image whose brightness clips (its
+  brightest level times the factor passes 255) gets two passes instead, brightness's table then
+  contrast's, with the mean measured between them, as the reference measures it.
 - saturation is one `cv2.transform` with the 3x3 matrix s*I + (1-s)*gray_weights (rounded once;
   the reference rounds the gray image first, so they may differ by one level).
 - hue is the exact HSV round trip, with an exact integer shift of the hue plane.
@@ -74,12 +74,15 @@ def _shift_hue(hsv: np.ndarray, k: int, plane: np.ndarray) -> None:
 
 
 def _tables(images: list[np.ndarray], f: ColorFactors, uses: _Uses
-            ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+            ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, dict[int, tuple[np.ndarray, float]]]:
     """Per-image tables for M images, built at once: (M,256) brightness and contrast LUTs,
-    (M,3,3) saturation matrices, (M,) hue shifts in OpenCV hue units (None when unused)."""
+    (M,3,3) saturation matrices, (M,) hue shifts in OpenCV hue units (None when unused), and the
+    images whose brightness clips: k -> (their brightness table, their contrast factor), to be
+    applied in two passes with the mean measured between them (their row of the LUTs is unused)."""
     m = len(images)
     b, c, s = f.brightness, f.contrast, f.saturation
     bc = sat = hue = None
+    staged: dict[int, tuple[np.ndarray, float]] = {}
     if uses.brightness or uses.contrast:
         lut = np.broadcast_to(_LEVELS, (m, 256))
         if uses.brightness:
@@ -92,7 +95,7 @@ def _tables(images: list[np.ndarray], f: ColorFactors, uses: _Uses
                 mean = np.clip(mean * b - 0.5 * (b != 1.0), 0, 255)
                 for k in np.flatnonzero(b > 1.0):  # floor(v * b) > 255 from v >= 256 / b: clipped
                     if cv2.minMaxLoc(images[k].reshape(-1))[1] * b[k] >= 256.0:
-                        mean[k] = _mean_through(images[k], lut[k])
+                        staged[int(k)] = (lut[k].astype(np.uint8), float(c[k]))
             lut = np.clip(np.floor(lut * c[:, None] + (mean * (1.0 - c))[:, None]), 0, 255)
         bc = lut.astype(np.uint8)
     if uses.saturation:
@@ -101,16 +104,16 @@ def _tables(images: list[np.ndarray], f: ColorFactors, uses: _Uses
         # OpenCV's hue is 0..179; the reference shifts by floor(h + 180 * factor) mod 180, which for
         # an integer h is h + floor(180 * factor) mod 180.
         hue = np.mod(np.floor(180.0 * f.hue), 180).astype(np.int64)
-    return bc, sat, hue
+    return bc, sat, hue, staged
 
 
-def _mean_through(image: np.ndarray, table: np.ndarray) -> float:
-    """The gray mean of `image` once each level v became table[v] (exact: from its histogram)."""
-    channels = image.shape[2]
-    per_channel = [float(cv2.calcHist([image], [ch], None, [256], [0, 256]).reshape(256) @ table)
-                   for ch in range(channels)]
-    total = image.shape[0] * image.shape[1]
-    return float(np.dot(per_channel, _GRAY) / total) if channels == 3 else per_channel[0] / total
+def _brightness_then_contrast(plane: np.ndarray, brightness: np.ndarray, c: float) -> None:
+    """Brightness's table, then contrast toward the gray mean of the brightened (clipped) image,
+    measured between the two passes: exact, as the reference measures it."""
+    cv2.LUT(plane, brightness, dst=plane)
+    means = cv2.mean(plane)
+    mean = float(np.dot(means[:3], _GRAY)) if plane.ndim == 3 else float(means[0])
+    cv2.LUT(plane, np.clip(np.floor(_LEVELS * c + mean * (1.0 - c)), 0, 255).astype(np.uint8), dst=plane)
 
 
 class Color(ColorTransform[ColorFactors]):
@@ -140,13 +143,15 @@ class Color(ColorTransform[ColorFactors]):
             return
         f = ColorFactors(values.brightness[index], values.contrast[index], values.saturation[index],
                          values.hue[index])
-        bc, sat, hue_shifts = _tables(images, f, _Uses.of(params))
+        bc, sat, hue_shifts, staged = _tables(images, f, _Uses.of(params))
         rgb = images[0].shape[2] == 3
         hsv: np.ndarray | None = None  # one HSV buffer (and hue plane) for the batch
         hue_plane: np.ndarray | None = None
         for k, img in enumerate(images):
             plane = img if rgb else img.reshape(img.shape[:2])
-            if bc is not None:
+            if k in staged:
+                _brightness_then_contrast(plane, *staged[k])
+            elif bc is not None:
                 cv2.LUT(plane, bc[k], dst=plane)
             if rgb and sat is not None:
                 cv2.transform(plane, sat[k], dst=plane)
