@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()
     cv2.setNumThreads(0)  # one core, as in a worker process
-    images = np.stack(sample_images(64, 224))
+    images = sample_images(64, 224)
     ids = np.arange(64)
     for name, spec in (("color step (brightness, contrast 0.2)", COLOR_ONLY), ("engine pipeline", BENCH_SPEC)):
         best = float("inf")
