@@ -346,3 +346,20 @@ def test_client_augment_takes_sample_ids_as_augment_batch_does(servers: list[str
         assert np.array_equal(got, augment_batch(digits[:3], SPEC, seed=SEED, epoch=1, sample_ids=ids))
         with pytest.raises(InvalidInputError, match=r"seed: -3 is outside \[0, 2\*\*64\)"):
             client.augment(digits[:3], SPEC, seed=-3, epoch=1, sample_ids=ids)
+
+
+def test_a_batch_over_the_servers_limit_is_refused_when_the_stream_is_made() -> None:
+    """The server would refuse every such batch RESOURCE_EXHAUSTED (and the stream retried them
+    10 times with backoff, ~12 s); the dataset's shape and the spec tell the stream up front."""
+    settings = ServerSettings(workers=1, datasets={"digits": "builtin:digits"}, max_batch_bytes=1 << 20)
+    server, port = create_server("127.0.0.1:0", settings)
+    server.start()
+    try:
+        with AugmentClient(f"127.0.0.1:{port}") as client:
+            big = {"transforms": [{"resize": {"height": 256, "width": 256}}]}  # 64 KiB a digit
+            with pytest.raises(ValueError, match=r"batch_size: 32 images of 65536 bytes .* use at most 16"):
+                AugmentedStream(client, "digits", big, batch_size=32, seed=0)
+            assert len(collect(AugmentedStream(client, "digits", big, batch_size=16, seed=0,
+                                               sample_ids=list(range(32))))) == 2
+    finally:
+        server.stop(0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ import numpy as np
 
 from augsvc.errors import AugsvcError, NotFoundError, error_from_status
 from augsvc.security import is_local_target
-from augsvc.spec import load_spec
+from augsvc.spec import Spec, load_spec
 from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.v1 import augment_pb2_grpc as pb_grpc
@@ -321,3 +322,30 @@ class AugmentClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- what fits a server's limit ---------------------------------------------------------------------
+
+def image_bytes(spec: Spec, info: DatasetInfo) -> int | None:
+    """Bytes of one output image of `spec` on dataset `info` (3 channels where unknown: at most
+    that many); None when neither the spec nor the dataset fixes the size."""
+    channels = info.image_shape[2] if info.image_shape else 3
+    size = spec.output_size_for((info.image_shape[0], info.image_shape[1]) if info.image_shape else None)
+    return None if size is None else int(math.prod(size)) * channels
+
+
+def batch_size_within(server: ServerInfo, spec: Spec, info: DatasetInfo, wanted: int) -> int:
+    """`wanted`, lowered to what fits the server's max_batch_bytes (at least 1)."""
+    per_image = image_bytes(spec, info)
+    if per_image is None or server.max_batch_bytes <= 0:
+        return wanted
+    return max(1, min(wanted, server.max_batch_bytes // per_image))
+
+
+def check_batch_fits(server: ServerInfo, spec: Spec, info: DatasetInfo, batch_size: int) -> None:
+    """ValueError, before any call, when training batches would exceed the server's limit."""
+    per_image = image_bytes(spec, info)
+    if per_image is not None and 0 < server.max_batch_bytes < batch_size * per_image:
+        raise ValueError(f"batch_size: {batch_size} images of {per_image} bytes are {batch_size * per_image} "
+                         f"bytes, over the server's max_batch_bytes {server.max_batch_bytes}; use at most "
+                         f"{server.max_batch_bytes // per_image}")

@@ -11,7 +11,6 @@ resize; a spec that leaves the size alone, on the images as they are.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,10 @@ import numpy as np
 
 from augsvc.spec import Spec, load_spec
 
-from .client import AugmentClient, DatasetInfo, ServerInfo
+from .client import AugmentClient
+from .client import batch_size_within as batch_size_within  # re-exported where they lived (their home: client)
+from .client import check_batch_fits as check_batch_fits
+from .client import image_bytes as image_bytes
 from .stream import AugmentedStream
 
 #: Steps that crop: a spec with one is validated with resize_shorter + center_crop.
@@ -41,31 +43,6 @@ def eval_spec(spec: Any) -> Spec:
         return load_spec({"transforms": [{"resize_shorter": {"side": side}},
                                          {"center_crop": {"height": height, "width": width}}]})
     return load_spec({"transforms": [{"resize": {"height": height, "width": width}}]})
-
-
-def image_bytes(spec: Spec, info: DatasetInfo) -> int | None:
-    """Bytes of one output image of `spec` on dataset `info` (3 channels where unknown: at most
-    that many); None when neither the spec nor the dataset fixes the size."""
-    channels = info.image_shape[2] if info.image_shape else 3
-    size = spec.output_size_for((info.image_shape[0], info.image_shape[1]) if info.image_shape else None)
-    return None if size is None else int(math.prod(size)) * channels
-
-
-def batch_size_within(server: ServerInfo, spec: Spec, info: DatasetInfo, wanted: int) -> int:
-    """`wanted`, lowered to what fits the server's max_batch_bytes (at least 1)."""
-    per_image = image_bytes(spec, info)
-    if per_image is None or server.max_batch_bytes <= 0:
-        return wanted
-    return max(1, min(wanted, server.max_batch_bytes // per_image))
-
-
-def check_batch_fits(server: ServerInfo, spec: Spec, info: DatasetInfo, batch_size: int) -> None:
-    """ValueError, before any call, when training batches would exceed the server's limit."""
-    per_image = image_bytes(spec, info)
-    if per_image is not None and 0 < server.max_batch_bytes < batch_size * per_image:
-        raise ValueError(f"batch_size: {batch_size} images of {per_image} bytes are {batch_size * per_image} "
-                         f"bytes, over the server's max_batch_bytes {server.max_batch_bytes}; use at most "
-                         f"{server.max_batch_bytes // per_image}")
 
 
 def random_split(n: int, n_val: int, seed: int, n_train: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -72,7 +72,7 @@ from augsvc.tensors import encode_tensor
 from augsvc.v1 import augment_pb2 as pb
 from augsvc.validation import check_counter, dataset_indices, population_ids
 
-from .client import RETRYABLE, AugmentClient, DatasetInfo, status_error
+from .client import RETRYABLE, AugmentClient, DatasetInfo, check_batch_fits, status_error
 from .segments import ClientSegment, SegmentPool
 from .world import World
 
@@ -165,6 +165,9 @@ class AugmentedStream(IterableDataset[StreamItem]):
         self.streams = streams or max(2, client.num_endpoints)
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._dataset_info: DatasetInfo | None = client.dataset_info(dataset) if dataset is not None else None
+        if self._dataset_info is not None and self._dataset_info.image_shape is not None:
+            # a batch over the server's limit would be refused RESOURCE_EXHAUSTED on every try: say so now
+            check_batch_fits(client.server_info(), self.spec, self._dataset_info, batch_size)
         # The whole dataset goes on the wire as no ids at all (the request's default).
         self._whole_dataset = False
         if sample_ids is None and self._dataset_info is not None:
