@@ -205,7 +205,7 @@ def test_default_prefetch_is_sized_by_the_batch(servers: list[str], digits: np.n
         small = AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0)  # 64 images of 32x32x1
         assert small.prefetch == 32 and small.streams * small.chunk <= small.prefetch
         big = load_spec({"transforms": [{"resize": {"height": 1024, "width": 1024}}]})
-        large = AugmentedStream(client, "digits", big, batch_size=256, seed=0)  # 256 MiB a batch
+        large = AugmentedStream(client, "digits", big, batch_size=64, seed=0)  # 64 MiB a batch: the server's limit
         assert large.prefetch == 4 and large.chunk == 2
         assert AugmentedStream(client, "digits", SPEC, batch_size=BATCH, seed=0, prefetch=3).prefetch == 3
         owned = AugmentedStream.from_arrays(client, np.zeros((8, 512, 512, 3), np.uint8), np.zeros(8), SPEC,
