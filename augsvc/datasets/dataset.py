@@ -187,8 +187,8 @@ def _from_files(name: str, kind: str, source: str, cat: Catalog, size: DecodeSiz
 
         free = shm_free_bytes()
         room = budget if free is None else min(budget, free // 2)
-        layout = fits(room)
-        capped = fits(budget) if fits(budget) != layout else None
+        layout, by_budget = fits(room), fits(budget)
+        capped = by_budget if by_budget != layout else None
     one_shape = bool((heights == heights[0]).all() and (widths == widths[0]).all())
     shape = (int(heights[0]), int(widths[0]), c) if one_shape else None
     arrays: list[tuple[str, Any, tuple[int, ...]]] = [

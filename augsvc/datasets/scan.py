@@ -73,16 +73,15 @@ def read_file(path: str, limit: int | None = None) -> bytes:
         return f.read() if limit is None else f.read(limit)
 
 
-def read_file_stat(path: str) -> tuple[bytes, os.stat_result]:
-    """The file's bytes and its stat, from one open."""
+def read_file_stat(path: str, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """The file's bytes (its first `limit` bytes) and its stat, from one open."""
     with open(path, "rb") as f:
-        return f.read(), os.fstat(f.fileno())
+        return (f.read() if limit is None else f.read(limit)), os.fstat(f.fileno())
 
 
 def _probe_file(path: str, verify: bool, size: DecodeSize | None) -> tuple[Header, int, os.stat_result]:
     """(header, DCT scale, stat) of one file; DecodeFailed or OSError when unreadable."""
-    st = os.stat(path)
-    data = read_file(path, None if verify else _HEAD_BYTES)
+    data, st = read_file_stat(path, None if verify else _HEAD_BYTES)  # one open: no second path lookup
     try:
         header = probe(data)
     except DecodeFailed:
